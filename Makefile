@@ -1,0 +1,56 @@
+# The course's two commands: `make lab` (learn) and `make test` (prove everything still runs).
+# Both create .venv and install what they need on first use; nothing else has to be done first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+PORT ?= 8888
+LAB_ARGS ?=
+RANKS ?= 4
+# mpiexec and jupyter of the course environment come first on PATH for everything make runs.
+export PATH := $(BIN):$(PATH)
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
+
+.PHONY: install lab test test-unit test-notebooks notebooks exercises doctor bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[mpi]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name syncml --display-name "Python (syncml)"
+	touch $@
+
+install: $(VENV)/.installed
+
+## JupyterLab on the course, opened at notebooks/ (PORT=8888; LAB_ARGS="--no-browser" on a server)
+lab: install
+	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks \
+		--port=$(PORT) $(ROOT_FLAG) $(LAB_ARGS)
+
+## Everything: unit tests under real mpiexec, nbval on notebooks/, solutions/ and exercises/
+test: install
+	$(BIN)/python -m pytest tests notebooks solutions exercises $(NBVAL) $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-notebooks: install
+	$(BIN)/python -m pytest notebooks solutions exercises $(NBVAL) $(PYTEST_ARGS)
+
+## Re-execute the chapter and solution notebooks in place, then regenerate the exercises
+notebooks: install
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+		--ExecutePreprocessor.kernel_name=syncml $(or $(NB),notebooks/*.ipynb solutions/*.ipynb)
+	$(MAKE) exercises
+
+exercises: install
+	$(BIN)/python -m syncml_lib.exercises build
+
+doctor: install
+	$(BIN)/python -m syncml_lib doctor
+
+bench: install
+	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m syncml_lib.bench allreduce
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,147 @@
+"""Start and stop an ipyparallel cluster of MPI engines for the notebooks.
+
+    cluster, view = start_mpi_cluster(n=4)   # n engines launched by mpiexec, %px magics active
+    %%px
+    print(rank, size)                        # runs on every engine; comm, rank, size, np, MPI are there
+    cluster.stop_cluster_sync()              # the last cell of every notebook
+
+    with mpi_cluster(n=4) as view:           # the same, stopped on exit, also after an exception
+        view.apply_sync(f)
+
+The engines are one MPI job (`ipp.Cluster(engines="mpi")`), so `MPI.COMM_WORLD` on the engines spans
+all of them. `view` is a blocking DirectView whose targets are ordered by MPI rank: `view.apply_sync(f)`
+and `view.pull("x")` return one value per rank, rank 0 first, whatever engine ids ipyparallel gave.
+"""
+import contextlib
+import glob
+import importlib.util
+import os
+import time
+
+import ipyparallel as ipp
+from IPython.paths import get_ipython_dir
+
+from .mpirun import FIX, MPINotFoundError, mpiexec_path, same_imports_env
+
+__all__ = ["start_mpi_cluster", "mpi_cluster", "stop_clusters", "ClusterError", "PROFILE"]
+
+PROFILE = "syncml"  # clusters live in their own IPython profile, so cleaning up never touches others'
+TAG_VARIABLE = "SYNCML_CLUSTER_TAG"  # set by the test suite: every cluster it starts carries the tag
+
+ENGINE_SETUP = """
+from mpi4py import MPI
+import numpy as np
+comm = MPI.COMM_WORLD
+rank, size = comm.rank, comm.size
+"""
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start (missing MPI, or not up within the time limit)."""
+
+
+def _check_mpi():
+    if importlib.util.find_spec("mpi4py") is None:
+        raise MPINotFoundError(f"mpi4py is not installed in this Python. {FIX}")
+    return mpiexec_path()
+
+
+def _profile_dir():
+    return os.path.join(get_ipython_dir(), f"profile_{PROFILE}")
+
+
+def remove_stale_cluster_files():
+    """Delete the files of clusters in our profile whose controller is no longer running."""
+    for cluster_file in glob.glob(os.path.join(_profile_dir(), "security", "cluster-*.json")):
+        try:
+            cluster = ipp.Cluster.from_file(cluster_file)
+            running = cluster._is_running()
+        except Exception:
+            cluster, running = None, False
+        if not running:
+            cluster_id = os.path.basename(cluster_file)[len("cluster-"):-len(".json")]
+            for f in glob.glob(os.path.join(_profile_dir(), "security", f"*{cluster_id}*")):
+                with contextlib.suppress(OSError):
+                    os.remove(f)
+
+
+def rank_view(client):
+    """A blocking DirectView over all engines, ordered by MPI rank."""
+    view = client[:]
+    view.block = True
+    ranks = view.apply_sync(lambda: __import__("mpi4py.MPI").MPI.COMM_WORLD.rank)
+    by_rank = [engine for _, engine in sorted(zip(ranks, client.ids))]
+    view = client[by_rank]
+    view.block = True
+    return view
+
+
+def start_mpi_cluster(n=4, timeout=60, activate=True):
+    """Start one controller and n MPI engines; return (cluster, view).
+
+    Waits at most `timeout` seconds for all engines; on failure everything started is stopped and
+    ClusterError explains what to do. With activate=True the view drives the %px / %%px magics.
+    Each engine starts with `comm`, `rank`, `size`, `MPI` and `np` defined.
+    """
+    mpiexec = _check_mpi()
+    remove_stale_cluster_files()
+    tag = os.environ.get(TAG_VARIABLE, "syncml")
+    cluster_id = f"{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    cluster = ipp.Cluster(engines="mpi", n=n, profile=PROFILE, cluster_id=cluster_id,
+                          log_level=40)
+    cluster.config.MPILauncher.mpi_cmd = [mpiexec]
+    cluster.config.MPIEngineSetLauncher.environment = same_imports_env()
+    started = time.perf_counter()
+    try:
+        cluster.start_cluster_sync()
+        client = cluster.connect_client_sync()
+        client.wait_for_engines(n, timeout=timeout, interactive=False)
+        view = rank_view(client)
+        view.use_cloudpickle()  # functions defined in a notebook reach the engines as they are
+        view.execute(ENGINE_SETUP)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            cluster.stop_cluster_sync()
+        took = time.perf_counter() - started
+        raise ClusterError(
+            f"The MPI cluster of {n} engines did not start within {timeout}s ({took:.0f}s spent: {exc!r}). "
+            f"It was stopped. Run `python -m syncml_lib doctor` to find the cause; on a slow machine "
+            f"pass a longer timeout, e.g. start_mpi_cluster(n={n}, timeout={2 * timeout})."
+        ) from exc
+    if activate:
+        view.activate()
+    return cluster, view
+
+
+@contextlib.contextmanager
+def mpi_cluster(n=4, timeout=60, activate=False):
+    """`with mpi_cluster(n) as view:` start a cluster, yield its rank-ordered view, always stop it."""
+    cluster, view = start_mpi_cluster(n, timeout=timeout, activate=activate)
+    try:
+        yield view
+    finally:
+        with contextlib.suppress(Exception):
+            view.client.close()
+        cluster.stop_cluster_sync()
+
+
+def stop_clusters(tag=None):
+    """Stop every running cluster in our profile (only those whose id starts with `tag`, if given).
+
+    The test suite calls this at its end, so a notebook whose last cell never ran leaves nothing.
+    Returns the ids of the clusters it stopped.
+    """
+    stopped = []
+    for cluster_file in glob.glob(os.path.join(_profile_dir(), "security", "cluster-*.json")):
+        try:
+            cluster = ipp.Cluster.from_file(cluster_file)
+        except Exception:
+            continue
+        if tag and not cluster.cluster_id.startswith(tag):
+            continue
+        if cluster._is_running():
+            with contextlib.suppress(Exception):
+                cluster.stop_cluster_sync()
+            stopped.append(cluster.cluster_id)
+    remove_stale_cluster_files()
+    return stopped

@@ -1,0 +1,169 @@
+"""Run Python code under a real `mpiexec -n N`, with a time limit, and collect each rank's result.
+
+    results = run(fn, n=4)            # fn(comm) runs on 4 ranks; returns [result of rank 0, 1, 2, 3]
+    proc = run_script(["hello.py"], n=4)   # a script; returns the CompletedProcess
+
+`fn` travels to the ranks with cloudpickle, so test functions and notebook functions work as they
+are. When a rank raises, its traceback is saved and the job is aborted (no rank waits forever for a
+dead peer); when the job outlives `timeout`, the whole process group is killed. Either way
+`MPIRunError` says which ranks failed or never finished, with their tracebacks and output.
+The notebooks use this to run scripts from the kernel: the kernel never calls MPI itself.
+"""
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+
+__all__ = ["run", "run_script", "mpiexec_path", "MPIRunError", "MPINotFoundError"]
+
+FIX = ("Fix: install the course environment with `make lab` or `make test` (pip installs MPICH's wheel), "
+       "or `pip install mpich mpi4py` in this environment; `python -m syncml_lib doctor` checks the set-up.")
+
+
+class MPIRunError(RuntimeError):
+    """An mpiexec job failed: a rank raised, the job timed out, or mpiexec itself failed."""
+
+
+class MPINotFoundError(RuntimeError):
+    """No usable mpiexec or mpi4py."""
+
+
+def mpiexec_path():
+    """The mpiexec that belongs to this Python: the one beside sys.executable first, then PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise MPINotFoundError(f"mpiexec was not found beside {sys.executable} nor on PATH. {FIX}")
+    return found
+
+
+def same_imports_env():
+    """PYTHONPATH and PATH for child ranks or engines, so that what imports here imports there too
+    (a test module, a notebook's own folder) and this Python's mpiexec comes first."""
+    paths = [os.path.abspath(p or os.curdir) for p in sys.path if os.path.isdir(p or os.curdir)]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def _child_env():
+    env = {**os.environ, **same_imports_env()}
+    # Unbuffered ranks write a print() in pieces that mpiexec interleaves mid-line across ranks;
+    # block-buffered, each rank's lines arrive whole.
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def _launch(cmd, timeout):
+    """Run cmd in its own process group; kill the whole group on timeout. Returns (proc, timed_out)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_child_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        timed_out = True
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), timed_out
+
+
+def _tail(text, lines=40):
+    text = (text or "").rstrip()
+    cut = text.splitlines()[-lines:]
+    return "\n".join("    " + line for line in cut) if cut else "    (nothing)"
+
+
+def run(fn, n, *args, timeout=60, **kwargs):
+    """Call fn(comm, *args, **kwargs) on n ranks under mpiexec; return the list of results by rank.
+
+    comm is MPI.COMM_WORLD of the job. Raises MPIRunError naming the ranks that raised (with
+    their tracebacks) or that had not finished when `timeout` seconds ran out.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive number of ranks, got {n!r}")
+    import cloudpickle
+
+    with tempfile.TemporaryDirectory(prefix="syncml-mpirun-") as tmp:
+        job = Path(tmp)
+        (job / "job.pkl").write_bytes(cloudpickle.dumps((fn, args, kwargs)))
+        cmd = [mpiexec_path(), "-n", str(n), sys.executable, "-m", "syncml_lib.mpirun", str(job)]
+        start = time.perf_counter()
+        proc, timed_out = _launch(cmd, timeout)
+        elapsed = time.perf_counter() - start
+
+        results, failures, missing = {}, {}, []
+        for rank in range(n):
+            done, failed = job / f"rank{rank}.result", job / f"rank{rank}.error"
+            if failed.exists():
+                failures[rank] = failed.read_text()
+            elif done.exists():
+                results[rank] = pickle.loads(done.read_bytes())
+            else:
+                missing.append(rank)
+
+    name = getattr(fn, "__qualname__", repr(fn))
+    if failures or missing or timed_out or proc.returncode != 0:
+        lines = [f"{name} on {n} ranks failed after {elapsed:.1f}s:"]
+        if timed_out:
+            lines.append(f"  timed out after {timeout}s (a deadlock, or too slow); the job was killed.")
+        for rank, tb in sorted(failures.items()):
+            lines.append(f"  rank {rank} raised:\n" + _tail(tb))
+        if missing:
+            why = "were still running" if timed_out else "did not finish (aborted after another rank failed, or crashed)"
+            lines.append(f"  ranks {missing} {why}.")
+        if not failures and not timed_out:
+            lines.append(f"  mpiexec exited with code {proc.returncode}.")
+        lines.append("  stdout:\n" + _tail(proc.stdout))
+        lines.append("  stderr:\n" + _tail(proc.stderr))
+        raise MPIRunError("\n".join(lines))
+    return [results[rank] for rank in range(n)]
+
+
+def run_script(argv, n, timeout=60, check=True):
+    """Run `mpiexec -n n python *argv` and return the CompletedProcess (stdout, stderr as text).
+
+    argv is a script path or a list such as ["-m", "syncml_lib.bench", "allreduce"].
+    With check=True a non-zero exit or a timeout raises MPIRunError with the output.
+    """
+    argv = [str(argv)] if isinstance(argv, (str, os.PathLike)) else [str(a) for a in argv]
+    cmd = [mpiexec_path(), "-n", str(n), sys.executable, *argv]
+    proc, timed_out = _launch(cmd, timeout)
+    if check and (timed_out or proc.returncode != 0):
+        why = f"timed out after {timeout}s and was killed" if timed_out else f"exited with code {proc.returncode}"
+        raise MPIRunError(f"`{' '.join(cmd)}` {why}.\n  stdout:\n{_tail(proc.stdout)}\n  stderr:\n{_tail(proc.stderr)}")
+    return proc
+
+
+def _rank_main(job):
+    """What each rank runs: load the job, call it, save the result or the traceback."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    job = Path(job)
+    try:
+        fn, args, kwargs = pickle.loads((job / "job.pkl").read_bytes())
+        result = fn(comm, *args, **kwargs)
+        data = pickle.dumps(result)
+    except BaseException:
+        (job / f"rank{comm.rank}.error").write_text(traceback.format_exc())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(0.2)  # let a peer that failed at the same moment save its traceback too
+        comm.Abort(1)
+    else:
+        tmp = job / f"rank{comm.rank}.tmp"
+        tmp.write_bytes(data)
+        tmp.rename(job / f"rank{comm.rank}.result")
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])

@@ -1,0 +1,65 @@
+"""The notebooks' cluster: MPI engines ordered by rank, a clear error when it cannot start, nothing left."""
+import time
+
+import pytest
+
+from syncml_lib import cluster as cluster_module
+from syncml_lib.cluster import ClusterError, mpi_cluster, start_mpi_cluster
+from syncml_lib.mpirun import MPINotFoundError
+from helpers import alive, descendants
+
+
+def world_size_and_rank_sum():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.size, MPI.COMM_WORLD.allreduce(MPI.COMM_WORLD.rank)
+
+
+def test_engines_form_one_mpi_job_ordered_by_rank_and_all_stop():
+    before = set(descendants())
+    with mpi_cluster(n=3, timeout=90) as view:
+        started = set(descendants()) - before
+        assert view.apply_sync(world_size_and_rank_sum) == [(3, 3)] * 3
+        view.execute("seen = (rank, size)")  # names start_mpi_cluster defined on every engine
+        assert view.pull("seen") == [(0, 3), (1, 3), (2, 3)]
+    assert len(started) >= 4, "a controller, mpiexec and its engines were started"
+    time.sleep(1)
+    assert alive(started) == []
+
+
+def test_engines_stop_after_an_exception_too():
+    before = set(descendants())
+    with pytest.raises(ZeroDivisionError):
+        with mpi_cluster(n=2, timeout=90) as view:
+            started = set(descendants()) - before
+            view.execute("1 / 0", block=False)
+            1 / 0
+    time.sleep(1)
+    assert started and alive(started) == []
+
+
+def test_a_cluster_that_does_not_start_in_time_is_stopped_and_explained():
+    before = set(descendants())
+    with pytest.raises(ClusterError) as info:
+        start_mpi_cluster(n=2, timeout=0.01)
+    message = str(info.value)
+    assert "did not start within 0.01s" in message and "python -m syncml_lib doctor" in message
+    time.sleep(1)
+    assert alive(set(descendants()) - before) == []
+
+
+def test_missing_mpiexec_fails_before_starting_anything(monkeypatch):
+    def no_mpiexec():
+        raise MPINotFoundError("mpiexec was not found. Fix: pip install mpich mpi4py")
+
+    monkeypatch.setattr(cluster_module, "mpiexec_path", no_mpiexec)
+    before = set(descendants())
+    with pytest.raises(MPINotFoundError, match="pip install mpich"):
+        start_mpi_cluster(n=2)
+    assert alive(set(descendants()) - before) == []
+
+
+def test_missing_mpi4py_names_the_fix(monkeypatch):
+    monkeypatch.setattr(cluster_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MPINotFoundError, match="mpi4py is not installed"):
+        start_mpi_cluster(n=2)
