@@ -15,7 +15,8 @@ import numpy as np
 
 from . import mpirun
 
-__all__ = ["CheckFailed", "run_on_ranks", "check_global_mean"]
+__all__ = ["CheckFailed", "run_on_ranks", "check_global_mean", "check_ring_reduce_scatter", "check_ring_allgather",
+           "check_recursive_doubling"]
 
 
 class CheckFailed(AssertionError):
@@ -28,25 +29,34 @@ def _on_engine(rank_fn, *args):
     return rank_fn(MPI.COMM_WORLD, *args)
 
 
-def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=60):
-    """rank_fn(comm, *args) on each engine of `view` (or each rank of `mpiexec -n n`); results by rank."""
+STUCK = ("did not finish within {timeout}s: it is waiting for a message or a collective that never comes "
+         "(some ranks call what others skip, or a rank that hit an error left early)")
+
+
+def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=30):
+    """rank_fn(comm, *args) on each engine of `view` (or each rank of `mpiexec -n n`): a list by rank.
+
+    Each rank function returns its list of problems. A rank still running after `timeout` seconds
+    gets the problem STUCK instead, and the ranks that did finish keep theirs: their errors are
+    usually why the others wait.
+    """
+    stuck = [STUCK.format(timeout=timeout)]
     if view is None:
         try:
             return mpirun.run(rank_fn, n, *args, timeout=timeout)
         except mpirun.MPIRunError as exc:
-            raise CheckFailed(f"the check itself could not finish:\n{exc}") from None
-    ar = view.apply_async(_on_engine, rank_fn, *args)
-    try:
-        return ar.get(timeout=timeout)
-    except TimeoutError:
-        outstanding = view.client.outstanding
-        waiting = [rank for rank, msg_id in enumerate(ar.msg_ids) if msg_id in outstanding]
-        raise CheckFailed(
-            f"no answer within {timeout}s: ranks {waiting} are still inside your function. Usually some "
-            f"ranks call a collective (or a receive) that the others never call, so they wait forever. "
-            f"The engines are stuck: restart them with `cluster.stop_cluster_sync()` and a new "
-            f"`start_mpi_cluster()`, then fix the function."
-        ) from None
+            if not exc.timed_out:
+                raise CheckFailed(f"the check itself failed:\n{exc}") from None
+            return [exc.results.get(rank, stuck) for rank in range(n)]
+    # one request per engine, all sent at once, so the ranks run together and each can be waited for
+    requests = [view.client[engine].apply_async(_on_engine, rank_fn, *args) for engine in view.targets]
+    stuck = [stuck[0] + "; this engine stays stuck: stop the cluster (`cluster.stop_cluster_sync()`) and start a new one"]
+    deadline = time.monotonic() + timeout
+    reports = []
+    for request in requests:
+        request.wait(max(0.0, deadline - time.monotonic()))
+        reports.append(request.get() if request.ready() else stuck)
+    return reports
 
 
 def _call(fn, *args):
@@ -60,13 +70,19 @@ def _call(fn, *args):
         return None, f"raised {type(exc).__name__}: {exc} (line {where.lineno} of {where.name})"
 
 
+def _anyone(comm, problems):
+    """True on every rank if any rank has found a problem: all ranks stop after the same trial, so none
+    is left waiting in the next one for a rank that stopped (one small pickle-based allreduce)."""
+    return comm.allreduce(len(problems)) > 0
+
+
 def _report(title, reports):
-    """Raise CheckFailed with the first problems across ranks, or print a pass line."""
-    problems = [f"rank {rank}: {p}" for rank, rank_problems in enumerate(reports) for p in rank_problems]
+    """Raise CheckFailed with each rank's first problem, or print a pass line."""
+    problems = [f"rank {rank}: {rank_problems[0]}" for rank, rank_problems in enumerate(reports) if rank_problems]
     if problems:
         shown = "\n  ".join(problems[:8])
         more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise CheckFailed(f"{title}: {len(problems)} problem(s)\n  {shown}{more}")
+        raise CheckFailed(f"{title}: failed on {len(problems)} of {len(reports)} ranks\n  {shown}{more}")
     print(f"{title}: passed on {len(reports)} ranks.")
 
 
@@ -93,19 +109,187 @@ def _global_mean_on_rank(comm, global_mean):
         got, error = _call(global_mean, comm, mine)
         if error:
             problems.append(f"trial {trial} (lengths by rank {lengths}): your function {error}")
-            break
-        if not np.array_equal(mine, everyone[comm.rank]):
+        elif not np.array_equal(mine, everyone[comm.rank]):
             problems.append(f"trial {trial}: your function changed its input array")
-        if not np.isscalar(got) and np.shape(got) != ():
+        elif not np.isscalar(got) and np.shape(got) != ():
             problems.append(f"trial {trial}: returned {got!r}, expected one number")
         elif not np.isclose(float(got), expected, rtol=1e-12, atol=1e-12):
             local = f"{mine.mean():.6g}" if len(mine) else "undefined (no values)"
             problems.append(f"trial {trial} (lengths by rank {lengths}): returned {float(got):.6g}, "
                             f"expected {expected:.6g} (this rank's own mean is {local})")
+        if _anyone(comm, problems):
+            break
     return problems
 
 
-def check_global_mean(global_mean, view=None, n=4, timeout=60):
+def check_global_mean(global_mean, view=None, n=4, timeout=30):
     """global_mean(comm, local_values) must return the mean of all ranks' values, on every rank."""
     reports = run_on_ranks(_global_mean_on_rank, global_mean, view=view, n=n, timeout=timeout)
     _report("check_global_mean", reports)
+
+
+# ---------------------------------------------------------------- chapter 03: the ring and recursive doubling
+
+RING_LENGTHS = (12, 13, 3, 1001)  # 13 and 1001 do not divide evenly; 3 is fewer elements than 4 ranks
+
+
+def _integer_inputs(trial, size, length):
+    """Every rank's array for one trial: small integers stored as float64, so every sum is exact."""
+    rng = np.random.default_rng(3000 + trial)
+    return rng.integers(-9, 10, size=(size, length)).astype(np.float64)
+
+
+def _recording(comm):
+    """A TracedComm that also keeps a copy of every array sent, so a check can say which step went wrong."""
+    from .trace import TracedComm
+
+    class Recording(TracedComm):
+        def __init__(self, comm):
+            super().__init__(comm)
+            self.sent = []  # (step, dest, copy of the data)
+
+        def Send(self, buf, dest, tag=0):
+            self.sent.append((self.steps, dest, np.array(buf, copy=True)))
+            return super().Send(buf, dest, tag)
+
+        def Isend(self, buf, dest, tag=0):
+            self.sent.append((self.steps, dest, np.array(buf, copy=True)))
+            return super().Isend(buf, dest, tag)
+
+        def Sendrecv(self, sendbuf, dest, *args, **kwargs):
+            self.sent.append((self.steps, dest, np.array(sendbuf, copy=True)))
+            return super().Sendrecv(sendbuf, dest, *args, **kwargs)
+
+    return Recording(comm)
+
+
+def _mpi_total(comm, mine):
+    """The reference answer: MPI's own Allreduce (sum) of this rank's array."""
+    total = np.empty_like(mine)
+    comm.Allreduce(mine, total)
+    return total
+
+
+def _show(values, limit=4):
+    values = np.asarray(values).ravel()
+    shown = ", ".join(f"{v:g}" for v in values[:limit])
+    return f"[{shown}{', ...' if values.size > limit else ''}] ({values.size} values)"
+
+
+def _first_wrong_message(sent, expected):
+    """Compare the messages a rank sent with the (dest, data, what) it should have sent, step by step."""
+    for step, (want_dest, want, what) in enumerate(expected):
+        if step >= len(sent):
+            return f"step {step}: sent nothing; expected to send {what} to rank {want_dest}"
+        _, dest, data = sent[step]
+        if dest != want_dest or data.shape != want.shape or not np.array_equal(data, want):
+            return (f"step {step}: sent {_show(data)} to rank {dest}; expected {what} = {_show(want)} "
+                    f"to rank {want_dest}")
+    return None
+
+
+def _run_trials(comm, learner, one_trial):
+    """one_trial(comm, learner, xs) for each length in RING_LENGTHS (xs: every rank's array); the
+    problems found, each prefixed with its length. All ranks stop after the first trial with one."""
+    problems = []
+    for trial, length in enumerate(RING_LENGTHS):
+        problem = one_trial(comm, learner, _integer_inputs(trial, comm.size, length))
+        if problem:
+            problems.append(f"length {length}: {problem}")
+        if _anyone(comm, problems):
+            break
+    return problems
+
+
+def _wrong_values(what, got, want, sent, expected_messages, hint):
+    """Explain a wrong result: the first wrong element, then the first wrong message (or the hint)."""
+    i = int(np.flatnonzero(~(got == want))[0])
+    why = _first_wrong_message(sent, expected_messages)
+    return (f"{what} element {i} is {got[i]:g}, expected {want[i]:g} (MPI.Allreduce). "
+            + (f"First wrong message: {why}" if why else f"Every message was right: {hint}"))
+
+
+def _reduce_scatter_trial(comm, reduce_scatter, xs):
+    p, r = comm.size, comm.rank
+    total = np.array_split(_mpi_total(comm, xs[r].copy()), p)
+    chunks = np.array_split(xs[r].copy(), p)  # views of one buffer
+    recording = _recording(comm)
+    _, error = _call(reduce_scatter, recording, chunks)
+    mine = (r + 1) % p
+    if error:
+        return f"your function {error}"
+    if np.array_equal(chunks[mine], total[mine]):
+        return None
+    expected_messages = []
+    for step in range(p - 1):
+        c = (r - step) % p
+        contributors = sorted((r - k) % p for k in range(step + 1))
+        want = np.array_split(xs[contributors].sum(axis=0), p)[c]
+        expected_messages.append(((r + 1) % p, want, f"chunk {c} summed over ranks {contributors}"))
+    return _wrong_values(f"chunks[{mine}] should end as the sum over all ranks, but its", chunks[mine], total[mine],
+                         recording.sent, expected_messages, "add what arrives into the chunk it belongs to.")
+
+
+def check_ring_reduce_scatter(reduce_scatter, view=None, n=4, timeout=30):
+    """reduce_scatter(comm, chunks) must leave chunks[(rank + 1) % p] summed over all ranks."""
+    reports = run_on_ranks(_run_trials, reduce_scatter, _reduce_scatter_trial, view=view, n=n, timeout=timeout)
+    _report("check_ring_reduce_scatter", reports)
+
+
+def _allgather_trial(comm, allgather, xs):
+    p, r = comm.size, comm.rank
+    total = np.array_split(_mpi_total(comm, xs[r].copy()), p)
+    chunks = np.array_split(np.full(xs.shape[1], np.nan), p)  # what the reduce-scatter left:
+    chunks[(r + 1) % p][:] = total[(r + 1) % p]                # only chunk (r + 1) % p is complete
+    recording = _recording(comm)
+    _, error = _call(allgather, recording, chunks)
+    wrong = [c for c in range(p) if not np.array_equal(chunks[c], total[c])]
+    if error:
+        return f"your function {error}"
+    if not wrong:
+        return None
+    expected_messages = [((r + 1) % p, total[(r + 1 - step) % p], f"the complete chunk {(r + 1 - step) % p}")
+                         for step in range(p - 1)]
+    return _wrong_values(f"chunks[{wrong[0]}]", chunks[wrong[0]], total[wrong[0]], recording.sent,
+                         expected_messages, "receive each one into the chunk it belongs to.")
+
+
+def check_ring_allgather(allgather, view=None, n=4, timeout=30):
+    """allgather(comm, chunks), starting with only chunks[(rank + 1) % p] complete, must complete them all."""
+    reports = run_on_ranks(_run_trials, allgather, _allgather_trial, view=view, n=n, timeout=timeout)
+    _report("check_ring_allgather", reports)
+
+
+def _recursive_doubling_trial(comm, recursive_doubling, xs):
+    p, r = comm.size, comm.rank
+    total = _mpi_total(comm, xs[r].copy())
+    mine = xs[r].copy()
+    recording = _recording(comm)
+    got, error = _call(recursive_doubling, recording, mine)
+    if error:
+        return f"your function {error}"
+    if not np.array_equal(mine, xs[r]):
+        return "your function changed its input array; work on a copy"
+    if not isinstance(got, np.ndarray) or got.shape != total.shape:
+        return f"returned {type(got).__name__} of shape {np.shape(got)}, expected an array of shape {total.shape}"
+    if np.array_equal(got, total):
+        return None
+    expected_messages = []
+    for step in range(p.bit_length() - 1):
+        group = [k for k in range(p) if k >> step == r >> step]  # the ranks summed before this step
+        expected_messages.append((r ^ (1 << step), xs[group].sum(axis=0), f"the sum over ranks {group}"))
+    return _wrong_values("the result's", got, total, recording.sent, expected_messages,
+                         "add what you receive into your running sum.")
+
+
+def _power_of_two_trials(comm, recursive_doubling, one_trial):
+    if comm.size & (comm.size - 1):
+        return [f"this check needs a power-of-two number of ranks, not {comm.size}"]
+    return _run_trials(comm, recursive_doubling, one_trial)
+
+
+def check_recursive_doubling(recursive_doubling, view=None, n=4, timeout=30):
+    """recursive_doubling(comm, x) must return the sum of all ranks' x (p a power of two), x unchanged."""
+    reports = run_on_ranks(_power_of_two_trials, recursive_doubling, _recursive_doubling_trial,
+                           view=view, n=n, timeout=timeout)
+    _report("check_recursive_doubling", reports)

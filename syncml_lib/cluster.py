@@ -14,8 +14,11 @@ and `view.pull("x")` return one value per rank, rank 0 first, whatever engine id
 """
 import contextlib
 import glob
+import logging
 import importlib.util
 import os
+import subprocess
+import sys
 import time
 
 import ipyparallel as ipp
@@ -54,7 +57,7 @@ def remove_stale_cluster_files():
     """Delete the files of clusters in our profile whose controller is no longer running."""
     for cluster_file in glob.glob(os.path.join(_profile_dir(), "security", "cluster-*.json")):
         try:
-            cluster = ipp.Cluster.from_file(cluster_file)
+            cluster = ipp.Cluster.from_file(cluster_file, log_level=logging.CRITICAL)
             running = cluster._is_running()
         except Exception:
             cluster, running = None, False
@@ -108,9 +111,53 @@ def start_mpi_cluster(n=4, timeout=60, activate=True):
             f"It was stopped. Run `python -m syncml_lib doctor` to find the cause; on a slow machine "
             f"pass a longer timeout, e.g. start_mpi_cluster(n={n}, timeout={2 * timeout})."
         ) from exc
+    _watch(cluster)
     if activate:
         view.activate()
+        _no_progress_bars()
     return cluster, view
+
+
+def _watch(cluster):
+    """Start a small process that stops the cluster if this process dies without stopping it.
+
+    A kernel that is killed (a crash, `kill -9`, a test runner's hard shutdown) runs no clean-up,
+    and ipyparallel leaves its controller and engines running; the watcher ends them. It exits by
+    itself as soon as the cluster is stopped normally (its cluster file is gone).
+    """
+    subprocess.Popen([sys.executable, "-m", "syncml_lib.cluster", "watch", str(os.getpid()), cluster.cluster_file],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def watch(pid, cluster_file, every=0.5):
+    """Wait until the cluster file is gone (stopped normally) or process `pid` is dead (then stop it)."""
+    while os.path.exists(cluster_file):
+        if not _alive(pid):
+            with contextlib.suppress(Exception):
+                ipp.Cluster.from_file(cluster_file, log_level=logging.CRITICAL).stop_cluster_sync()
+            return
+        time.sleep(every)
+
+
+def _no_progress_bars():
+    """Long %%px cells would store a progress bar in the notebook's outputs: switch it off."""
+    with contextlib.suppress(Exception):
+        from IPython import get_ipython
+
+        get_ipython().magics_manager.registry["ParallelMagics"].progress_after_seconds = -1
 
 
 @contextlib.contextmanager
@@ -134,7 +181,7 @@ def stop_clusters(tag=None):
     stopped = []
     for cluster_file in glob.glob(os.path.join(_profile_dir(), "security", "cluster-*.json")):
         try:
-            cluster = ipp.Cluster.from_file(cluster_file)
+            cluster = ipp.Cluster.from_file(cluster_file, log_level=logging.CRITICAL)
         except Exception:
             continue
         if tag and not cluster.cluster_id.startswith(tag):
@@ -145,3 +192,7 @@ def stop_clusters(tag=None):
             stopped.append(cluster.cluster_id)
     remove_stale_cluster_files()
     return stopped
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
+    watch(int(sys.argv[2]), sys.argv[3])

@@ -28,7 +28,16 @@ FIX = ("Fix: install the course environment with `make lab` or `make test` (pip 
 
 
 class MPIRunError(RuntimeError):
-    """An mpiexec job failed: a rank raised, the job timed out, or mpiexec itself failed."""
+    """An mpiexec job failed: a rank raised, the job timed out, or mpiexec itself failed.
+
+    Besides the message: .results (rank -> result, for the ranks that finished), .failures
+    (rank -> traceback text), .missing (ranks that never finished) and .timed_out.
+    """
+
+    def __init__(self, message, results=None, failures=None, missing=(), timed_out=False):
+        super().__init__(message)
+        self.results, self.failures = results or {}, failures or {}
+        self.missing, self.timed_out = list(missing), timed_out
 
 
 class MPINotFoundError(RuntimeError):
@@ -124,7 +133,7 @@ def run(fn, n, *args, timeout=60, **kwargs):
             lines.append(f"  mpiexec exited with code {proc.returncode}.")
         lines.append("  stdout:\n" + _tail(proc.stdout))
         lines.append("  stderr:\n" + _tail(proc.stderr))
-        raise MPIRunError("\n".join(lines))
+        raise MPIRunError("\n".join(lines), results, failures, missing, timed_out)
     return [results[rank] for rank in range(n)]
 
 
@@ -139,7 +148,8 @@ def run_script(argv, n, timeout=60, check=True):
     proc, timed_out = _launch(cmd, timeout)
     if check and (timed_out or proc.returncode != 0):
         why = f"timed out after {timeout}s and was killed" if timed_out else f"exited with code {proc.returncode}"
-        raise MPIRunError(f"`{' '.join(cmd)}` {why}.\n  stdout:\n{_tail(proc.stdout)}\n  stderr:\n{_tail(proc.stderr)}")
+        raise MPIRunError(f"`{' '.join(cmd)}` {why}.\n  stdout:\n{_tail(proc.stdout)}\n  stderr:\n{_tail(proc.stderr)}",
+                          timed_out=timed_out)
     return proc
 
 

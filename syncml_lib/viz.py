@@ -41,3 +41,40 @@ def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis"):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_messages(records, size, title=None, ax=None):
+    """Who sends to whom at each step: one column per step, an arrow per message (from trace records)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 + 1.1 * (1 + max((r["step"] for r in records), default=0)), 0.5 + 0.5 * size))
+    sends = [r for r in records if r["kind"] == "send"]
+    for r in sends:
+        ax.annotate("", xy=(r["step"] + 0.8, r["dest"]), xytext=(r["step"] + 0.1, r["source"]),
+                    arrowprops=dict(arrowstyle="->", color=plt.get_cmap("tab10")(r["source"] % 10), lw=1.4))
+    steps = 1 + max((r["step"] for r in sends), default=0)
+    ax.set_xlim(0, steps)
+    ax.set_ylim(size - 0.5, -0.5)
+    ax.set_yticks(range(size), [f"rank {k}" for k in range(size)])
+    ax.set_xticks(np.arange(steps) + 0.45, [str(s) for s in range(steps)])
+    ax.set_xlabel("step (arrow: one message)")
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_timeline(records, size, title=None, ax=None):
+    """A per-rank timeline of messages (start to end of each send), coloured by step."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.6 + 0.45 * size))
+    colours = plt.get_cmap("tab20")
+    for r in records:
+        if r["kind"] == "send" and r["end"] is not None:
+            ax.barh(r["rank"], 1e3 * (r["end"] - r["start"]), left=1e3 * r["start"], height=0.6,
+                    color=colours(r["step"] % 20), edgecolor="black", lw=0.3)
+    ax.set_ylim(size - 0.5, -0.5)
+    ax.set_yticks(range(size), [f"rank {k}" for k in range(size)])
+    ax.set_xlabel("milliseconds (one bar per message, colour = step)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

@@ -37,3 +37,13 @@ def alive(pids):
         if state != "Z":
             living.append(pid)
     return living
+
+
+def still_alive_after(pids, seconds=15):
+    """Wait up to `seconds` for `pids` to end; return those still running then."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive(pids)

@@ -1,12 +1,13 @@
 """The notebooks' cluster: MPI engines ordered by rank, a clear error when it cannot start, nothing left."""
-import time
+import subprocess
+import sys
 
 import pytest
 
 from syncml_lib import cluster as cluster_module
 from syncml_lib.cluster import ClusterError, mpi_cluster, start_mpi_cluster
 from syncml_lib.mpirun import MPINotFoundError
-from helpers import alive, descendants
+from helpers import descendants, still_alive_after
 
 
 def world_size_and_rank_sum():
@@ -23,8 +24,7 @@ def test_engines_form_one_mpi_job_ordered_by_rank_and_all_stop():
         view.execute("seen = (rank, size)")  # names start_mpi_cluster defined on every engine
         assert view.pull("seen") == [(0, 3), (1, 3), (2, 3)]
     assert len(started) >= 4, "a controller, mpiexec and its engines were started"
-    time.sleep(1)
-    assert alive(started) == []
+    assert still_alive_after(started) == []
 
 
 def test_engines_stop_after_an_exception_too():
@@ -34,8 +34,7 @@ def test_engines_stop_after_an_exception_too():
             started = set(descendants()) - before
             view.execute("1 / 0", block=False)
             1 / 0
-    time.sleep(1)
-    assert started and alive(started) == []
+    assert started and still_alive_after(started) == []
 
 
 def test_a_cluster_that_does_not_start_in_time_is_stopped_and_explained():
@@ -44,8 +43,7 @@ def test_a_cluster_that_does_not_start_in_time_is_stopped_and_explained():
         start_mpi_cluster(n=2, timeout=0.01)
     message = str(info.value)
     assert "did not start within 0.01s" in message and "python -m syncml_lib doctor" in message
-    time.sleep(1)
-    assert alive(set(descendants()) - before) == []
+    assert still_alive_after(set(descendants()) - before) == []
 
 
 def test_missing_mpiexec_fails_before_starting_anything(monkeypatch):
@@ -56,10 +54,27 @@ def test_missing_mpiexec_fails_before_starting_anything(monkeypatch):
     before = set(descendants())
     with pytest.raises(MPINotFoundError, match="pip install mpich"):
         start_mpi_cluster(n=2)
-    assert alive(set(descendants()) - before) == []
+    assert still_alive_after(set(descendants()) - before, seconds=0) == []
 
 
 def test_missing_mpi4py_names_the_fix(monkeypatch):
     monkeypatch.setattr(cluster_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MPINotFoundError, match="mpi4py is not installed"):
         start_mpi_cluster(n=2)
+
+
+def test_a_killed_kernel_leaves_no_engines_behind():
+    """A notebook kernel killed outright runs no clean-up; the cluster's watcher stops the engines."""
+    code = ("from syncml_lib.cluster import start_mpi_cluster\n"
+            "cluster, view = start_mpi_cluster(n=2, timeout=90, activate=False)\n"
+            "print('up', flush=True)\n"
+            "input()\n")
+    kernel = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert kernel.stdout.readline().strip() == "up"
+        started = descendants(kernel.pid)
+        assert len(started) >= 4
+    finally:
+        kernel.kill()
+        kernel.wait()
+    assert still_alive_after(started, seconds=30) == []

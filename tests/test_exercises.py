@@ -87,5 +87,81 @@ def hangs_on_rank_one(comm, local_values):
 
 
 def test_a_deadlocking_answer_fails_the_check_within_its_timeout():
-    with pytest.raises(checks.CheckFailed, match="(?s)could not finish.*timed out"):
+    with pytest.raises(checks.CheckFailed, match="rank 0: did not finish within 5s"):
         checks.check_global_mean(hangs_on_rank_one, n=2, timeout=5)
+
+
+# ---------------------------------------------------------------- chapter 03
+
+CH03 = [("my_reduce_scatter", checks.check_ring_reduce_scatter),
+        ("my_allgather", checks.check_ring_allgather),
+        ("my_recursive_doubling", checks.check_recursive_doubling)]
+
+
+@pytest.mark.parametrize("name, check", CH03, ids=[name for name, _ in CH03])
+def test_allreduce_checks_pass_the_solutions(name, check):
+    solution = exercise_functions("solution:03_allreduce.ipynb")[name]
+    for n in ((1, 2, 4) if name == "my_recursive_doubling" else (1, 3, 4, 5)):
+        check(solution, n=n)
+
+
+@pytest.mark.parametrize("name, check", CH03, ids=[name for name, _ in CH03])
+def test_allreduce_checks_fail_the_stubs(name, check):
+    stub = exercise_functions("exercise:03_allreduce.ipynb")[name]
+    with pytest.raises(checks.CheckFailed, match="rank 0: length 12: your function raised NotImplementedError"):
+        check(stub, n=4)
+
+
+def reduce_scatter_that_overwrites(comm, chunks):
+    """Receives into the chunk instead of adding to it: the classic ring that does not reduce."""
+    rank, p = comm.rank, comm.size
+    for step in range(p - 1):
+        comm.Sendrecv(chunks[(rank - step) % p], dest=(rank + 1) % p,
+                      recvbuf=chunks[(rank - step - 1) % p], source=(rank - 1) % p)
+
+
+def test_reduce_scatter_check_names_the_first_wrong_step():
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_ring_reduce_scatter(reduce_scatter_that_overwrites, n=4)
+    message = str(info.value)
+    # rank 0 sends its own chunk 0 at step 0 (right), then at step 1 chunk 3, which should by then hold
+    # ranks 3 and 0 summed, but holds only what rank 3 sent: the first wrong message is step 1.
+    assert "rank 0: length 12: chunks[1] should end as the sum over all ranks, but its element" in message
+    assert "First wrong message: step 1: sent" in message
+    assert "expected chunk 3 summed over ranks [0, 3]" in message
+
+
+def recursive_doubling_that_sends_its_own_x(comm, x):
+    total = x.copy()
+    for k in range(comm.size.bit_length() - 1):
+        partner = comm.rank ^ (1 << k)
+        incoming = np.empty_like(x)
+        comm.Sendrecv(x, dest=partner, recvbuf=incoming, source=partner)  # should send the running sum
+        total += incoming
+    return total
+
+
+def test_recursive_doubling_check_names_the_first_wrong_step():
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_recursive_doubling(recursive_doubling_that_sends_its_own_x, n=4)
+    message = str(info.value)
+    assert "First wrong message: step 1: sent" in message and "expected the sum over ranks [0, 1]" in message
+
+
+def allgather_that_copies_the_wrong_chunk(comm, chunks):
+    rank, p = comm.rank, comm.size
+    for step in range(p - 1):
+        comm.Sendrecv(chunks[(rank + 1) % p], dest=(rank + 1) % p,  # always sends the same chunk
+                      recvbuf=chunks[(rank - step) % p], source=(rank - 1) % p)
+
+
+def test_allgather_check_names_the_first_wrong_step():
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_ring_allgather(allgather_that_copies_the_wrong_chunk, n=3)
+    assert "First wrong message: step 1: sent" in str(info.value)
+
+
+def test_recursive_doubling_check_refuses_a_rank_count_that_is_not_a_power_of_two():
+    solution = exercise_functions("solution:03_allreduce.ipynb")["my_recursive_doubling"]
+    with pytest.raises(checks.CheckFailed, match="power-of-two number of ranks, not 3"):
+        checks.check_recursive_doubling(solution, n=3)

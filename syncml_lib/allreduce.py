@@ -1,0 +1,394 @@
+"""AllReduce five ways, with point-to-point messages only.
+
+    y = allreduce(comm, x, op="sum", algorithm="ring")   # y is a new array, the same on every rank
+
+Every rank holds an array x of the same shape and dtype; afterwards every rank holds the
+elementwise reduction (sum, prod, max or min) of all ranks' arrays. The algorithms differ in how
+many messages they send and how big those messages are. With p ranks, n bytes per rank, a latency
+of alpha seconds per message, beta seconds per byte sent and gamma seconds per byte reduced:
+
+    naive               gather to rank 0, reduce, send back     2(p-1) alpha + 2(p-1) n beta
+    tree                binomial-tree reduce, then broadcast     2 log2(p) alpha + 2 log2(p) n beta
+    recursive_doubling  exchange everything with rank ^ 1, ^ 2.. log2(p) alpha + log2(p) n beta
+    ring                reduce-scatter + allgather around a ring 2(p-1) alpha + 2 (p-1)/p n beta
+    rabenseifner        recursive halving + recursive doubling   2 log2(p) alpha + 2 (p-1)/p n beta
+
+(costmodel.py has the exact formulas, with gamma and the extra steps for non-powers of two.)
+Few, large messages (recursive doubling) win for small n; sending each byte only about twice
+(ring, Rabenseifner) wins for large n. algorithm="auto" lets the cost model choose.
+
+All messages are buffer-based (comm.Send/Recv/Sendrecv on numpy arrays, no pickling), and no two
+ranks ever block sending to each other, so nothing deadlocks at any message size. The algorithms
+only use comm.rank, comm.size, Send, Recv and Sendrecv, so they run unchanged on a
+trace.TracedComm, which records every message.
+
+Input rules: x must be a numpy array (TypeError otherwise: convert with np.asarray yourself, so
+no rank silently reduces a list of Python objects) with an integer, float or complex dtype; x is
+never modified. max and min raise ValueError for complex arrays, as they are not defined there
+(MPI's MAX and MIN are not either). allreduce() first checks, with one small pickle-based
+allgather, that all ranks passed the same shape, dtype, op and algorithm; if not, every rank
+raises a ValueError that names the ranks and what they had.
+"""
+import functools
+
+import numpy as np
+
+from . import costmodel
+
+__all__ = ["allreduce", "naive_allreduce", "tree_allreduce", "recursive_doubling_allreduce",
+           "ring_allreduce", "ring_reduce_scatter", "ring_allgather", "rabenseifner_allreduce",
+           "check_same_on_all_ranks", "OPS", "ALGORITHMS"]
+
+OPS = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+# ----------------------------------------------------------------------------- checking the input
+
+def check_same_on_all_ranks(comm, name, **fields):
+    """Raise ValueError on every rank unless every rank passed equal values for each field.
+
+        check_same_on_all_ranks(comm, "allreduce", shape=x.shape, dtype=str(x.dtype))
+
+    Costs one small pickle-based allgather; the values should be small and compare with == to a
+    bool (tuples, strings, numbers). The message names each distinct value and the ranks that had
+    it, e.g. "allreduce: shapes differ across ranks: (4,) on ranks 0, 1, 3; (5,) on rank 2".
+    """
+    everyone = comm.allgather(fields)
+    problems = []
+    for key in fields:
+        values = [theirs[key] for theirs in everyone]
+        if all(value == values[0] for value in values):
+            continue
+        groups = {}  # value -> ranks that have it, in order of first appearance
+        for rank, value in enumerate(values):
+            groups.setdefault(repr(value), []).append(rank)
+        described = "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+                              for value, ranks in groups.items())
+        problems.append(f"{name}: {key}s differ across ranks: {described}")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _check(x, op):
+    """Raise TypeError or ValueError if this rank's x or op cannot be reduced; return op's ufunc."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"allreduce: x must be a numpy array, got {type(x).__name__}; "
+                        f"convert it with np.asarray first")
+    kind = x.dtype.kind
+    if kind not in "iufc":
+        raise TypeError(f"allreduce: x must have an integer, float or complex dtype, got {x.dtype}")
+    ufunc = OPS.get(op) if isinstance(op, str) else None
+    if ufunc is None:
+        raise ValueError(f"allreduce: unknown op {op!r}; valid ops are {', '.join(OPS)}")
+    if kind == "c" and op in ("max", "min"):
+        raise ValueError(f"allreduce: {op} is not defined for complex numbers (dtype {x.dtype})")
+    return ufunc
+
+
+def _working_copy(x, op):
+    """Check x and op; return (a flat copy of x to reduce into, the numpy ufunc for op)."""
+    ufunc = _check(x, op)
+    return x.flatten(), ufunc  # flatten always copies, so x itself is never touched
+
+
+def _input_and_output(x, op):
+    """Check x and op; return (x flat, to read only; a new flat array for the result; op's ufunc).
+
+    Reading this rank's data straight from x and writing every reduction into the output saves
+    copying x first (x.reshape(-1) is a view of x unless x is not contiguous).
+    """
+    ufunc = _check(x, op)
+    mine = x.reshape(-1)
+    return mine, np.empty_like(mine), ufunc
+
+
+_receive_buffers = {}  # dtype -> the largest receive buffer used so far, kept for the next call
+
+
+def _receive_buffer(like):
+    """A scratch array of like's size and dtype to receive into, reused from call to call.
+
+    Allocating fresh megabytes at every call costs page faults and makes timings depend on what
+    the memory allocator did last time; keeping one buffer per dtype (as big as the biggest
+    message so far) avoids both.
+    """
+    kept = _receive_buffers.get(like.dtype)
+    if kept is None or kept.size < like.size:
+        kept = _receive_buffers[like.dtype] = np.empty(like.size, dtype=like.dtype)
+    return kept[:like.size]
+
+
+def _chunk_bounds(n, p):
+    """Cut n elements into p chunks whose sizes differ by at most one, as np.array_split does (the
+    first n % p chunks get one more element); chunk i is [bounds[i], bounds[i + 1])."""
+    size, extra = divmod(n, p)
+    return [i * size + min(i, extra) for i in range(p + 1)]
+
+
+# ----------------------------------------------------------------------------- naive
+
+def naive_allreduce(comm, x, op="sum"):
+    """Every rank sends its array to rank 0; rank 0 reduces them one by one and sends the result back.
+
+    Rank 0 handles every message itself, one after the other:
+    time = 2(p-1) (alpha + n beta) + (p-1) n gamma.
+    """
+    buf, op = _working_copy(x, op)
+    if comm.rank == 0:
+        incoming = _receive_buffer(buf)
+        for source in range(1, comm.size):
+            comm.Recv(incoming, source=source)
+            op(buf, incoming, out=buf)
+        for dest in range(1, comm.size):
+            comm.Send(buf, dest=dest)
+    else:
+        comm.Send(buf, dest=0)
+        comm.Recv(buf, source=0)
+    return buf.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- binomial tree
+
+def tree_allreduce(comm, x, op="sum"):
+    """Reduce up a binomial tree to rank 0, then broadcast down the same tree.
+
+    In round k = 0, 1, ... the ranks whose bit k is set send to rank - 2^k and drop out, so after
+    ceil(log2 p) rounds rank 0 has everything; the broadcast runs the rounds backwards.
+    time = 2 ceil(log2 p) (alpha + n beta) + ceil(log2 p) n gamma.
+    """
+    buf, op = _working_copy(x, op)
+    rank, p = comm.rank, comm.size
+
+    # Reduce: at distance mask = 1, 2, 4, ... a rank either receives a partial sum or sends its own.
+    incoming = _receive_buffer(buf)
+    mask = 1
+    while mask < p:
+        if rank & mask:
+            comm.Send(buf, dest=rank - mask)
+            break
+        if rank + mask < p:
+            comm.Recv(incoming, source=rank + mask)
+            op(buf, incoming, out=buf)
+        mask <<= 1
+
+    # Broadcast: receive from the rank we sent to, then pass on to the ranks below us in the tree.
+    mask = 1
+    while mask < p:
+        if rank & mask:
+            comm.Recv(buf, source=rank - mask)
+            break
+        mask <<= 1
+    mask >>= 1
+    while mask > 0:
+        if rank + mask < p:
+            comm.Send(buf, dest=rank + mask)
+        mask >>= 1
+    return buf.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- recursive doubling
+
+def _fold_in(comm, mine, out, op):
+    """Make the number of ranks a power of two, q = 2^floor(log2 p): the first p - q even ranks
+    send their data to the odd rank after them, which reduces it into out, and sit out.
+    Returns where this rank's data is now (mine, or out), or None on the ranks that sit out."""
+    rank, p = comm.rank, comm.size
+    extra = p - (1 << (p.bit_length() - 1))
+    if rank >= 2 * extra:  # always, when p is a power of two
+        return mine
+    if rank % 2 == 0:
+        comm.Send(mine, dest=rank + 1)
+        return None
+    incoming = _receive_buffer(mine)
+    comm.Recv(incoming, source=rank - 1)
+    op(incoming, mine, out=out)
+    return out
+
+
+def _fold_out(comm, out):
+    """Give the ranks that sat out the finished result (the reverse of _fold_in)."""
+    rank, p = comm.rank, comm.size
+    extra = p - (1 << (p.bit_length() - 1))
+    if rank < 2 * extra:
+        if rank % 2 == 0:
+            comm.Recv(out, source=rank + 1)
+        else:
+            comm.Send(out, dest=rank - 1)
+
+
+@functools.cache
+def _renumbering(p):
+    """For the q = 2^floor(log2 p) ranks left after _fold_in: (q, their ranks in order).
+    When p is a power of two, that is (p, (0, 1, ..., p-1))."""
+    extra = p - (1 << (p.bit_length() - 1))
+    return 1 << (p.bit_length() - 1), tuple(2 * i + 1 if i < extra else i + extra for i in range(p - extra))
+
+
+def recursive_doubling_allreduce(comm, x, op="sum"):
+    """Exchange the whole array with the rank at distance 1, 2, 4, ... and reduce after each exchange.
+
+    For p a power of two, rank r exchanges with r ^ 1, then r ^ 2, r ^ 4, ...: after k steps it
+    holds the reduction over the 2^k ranks that share its high bits, so after log2 p steps it holds
+    everything. time = log2 p (alpha + n beta + n gamma).
+    Otherwise the first p - 2^floor(log2 p) even ranks fold into their odd neighbour first and get
+    the result back at the end: 2 more steps, 2 (alpha + n beta) + n gamma.
+    """
+    result, op = _working_copy(x, op)  # my running result, starting as a copy of x
+    q, real = _renumbering(comm.size)  # rank real[i] is number i of the q ranks that take part
+    if _fold_in(comm, result, result, op) is not None:
+        me = real.index(comm.rank)
+        incoming = _receive_buffer(result)
+        distance = 1
+        while distance < q:
+            partner = real[me ^ distance]
+            comm.Sendrecv(result, dest=partner, recvbuf=incoming, source=partner)
+            # Both partners compute op(lower rank's data, higher rank's data): the same operands in
+            # the same order, so they agree bit for bit (complex a * b need not equal b * a exactly).
+            if comm.rank < partner:
+                op(result, incoming, out=result)
+            else:
+                op(incoming, result, out=result)
+            distance *= 2
+    _fold_out(comm, result)
+    return result.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- ring
+
+def ring_reduce_scatter(comm, chunks, op=np.add, out=None):
+    """Ring reduce-scatter: afterwards chunk (rank + 1) % p is reduced over all ranks.
+
+    chunks is a list of p views of this rank's data (sizes differing by at most one) and op a
+    numpy ufunc. The reductions go into chunks themselves (in place), or into out, a list of p
+    chunks of the same sizes, leaving chunks untouched. At step s = 0 .. p-2, rank r sends chunk
+    (r - s) % p to its right neighbour (its own data at step 0, then what it reduced the step
+    before) and reduces chunk (r - s - 1) % p, arriving from its left neighbour, with its own.
+    time = (p-1) alpha + (p-1)/p n beta + (p-1)/p n gamma.
+    """
+    rank, p = comm.rank, comm.size
+    sums = chunks if out is None else out
+    right, left = (rank + 1) % p, (rank - 1) % p
+    incoming = _receive_buffer(chunks[0])  # chunk 0 is the largest one
+    for step in range(p - 1):
+        send = chunks[rank] if step == 0 else sums[(rank - step) % p]
+        chunk = (rank - step - 1) % p
+        received = incoming[:chunks[chunk].size]
+        comm.Sendrecv(send, dest=right, recvbuf=received, source=left)
+        op(chunks[chunk], received, out=sums[chunk])
+    if p == 1:
+        sums[0][...] = chunks[0]  # alone, my data is the whole reduction
+
+
+def ring_allgather(comm, chunks):
+    """Ring allgather, in place: rank r starts with chunk (r + 1) % p complete and ends with all of them.
+
+    At step s = 0 .. p-2, rank r sends chunk (r + 1 - s) % p right and receives chunk (r - s) % p
+    from the left, straight into place.  time = (p-1) alpha + (p-1)/p n beta.
+    """
+    rank, p = comm.rank, comm.size
+    right, left = (rank + 1) % p, (rank - 1) % p
+    for step in range(p - 1):
+        comm.Sendrecv(chunks[(rank + 1 - step) % p], dest=right,
+                      recvbuf=chunks[(rank - step) % p], source=left)
+
+
+def ring_allreduce(comm, x, op="sum"):
+    """Ring allreduce: cut the array into p chunks, reduce-scatter them around the ring, then allgather.
+
+    Each rank sends 2(p-1) messages of n/p bytes, so every byte crosses each link about twice,
+    whatever p is: time = 2(p-1) alpha + 2 (p-1)/p n beta + (p-1)/p n gamma.
+    """
+    mine, out, op = _input_and_output(x, op)
+    bounds = _chunk_bounds(mine.size, comm.size)  # chunk i is [bounds[i], bounds[i + 1])
+    my_chunks = [mine[bounds[i]:bounds[i + 1]] for i in range(comm.size)]
+    out_chunks = [out[bounds[i]:bounds[i + 1]] for i in range(comm.size)]
+    ring_reduce_scatter(comm, my_chunks, op, out=out_chunks)  # reads x, writes out: no copy of x
+    ring_allgather(comm, out_chunks)
+    return out.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- Rabenseifner
+
+def rabenseifner_allreduce(comm, x, op="sum"):
+    """Reduce-scatter by recursive halving, then allgather by recursive doubling (MPICH's long-message allreduce).
+
+    With p a power of two and the array cut into p chunks: at distance p/2, p/4, ..., 1 each rank
+    sends the half of its current window that its partner keeps and reduces the half it keeps, so
+    it ends with its own chunk fully reduced; then the windows double back up to the whole array.
+    time = 2 log2 p alpha + 2 (p-1)/p n beta + (p-1)/p n gamma.
+    Other p: fold into 2^floor(log2 p) ranks first, as recursive doubling does (2 more steps).
+    """
+    mine, out, op = _input_and_output(x, op)
+    data = _fold_in(comm, mine, out, op)  # my partial results: x itself until the first reduction
+    if data is not None:
+        q, real = _renumbering(comm.size)  # rank real[i] is number i of the q ranks left
+        me = real.index(comm.rank)
+        start = _chunk_bounds(mine.size, q)  # chunk i is [start[i], start[i + 1])
+        incoming = _receive_buffer(mine)
+
+        # Reduce-scatter by recursive halving: my window of chunks [lo, hi) halves at every step,
+        # until it is chunk `me` alone, reduced over all ranks.
+        lo, hi = 0, q
+        distance = q // 2
+        while distance > 0:
+            partner = real[me ^ distance]
+            mid = lo + distance
+            (lo, hi), give = ((mid, hi), (lo, mid)) if me & distance else ((lo, mid), (mid, hi))
+            keep, give = slice(start[lo], start[hi]), slice(start[give[0]], start[give[1]])
+            received = incoming[:keep.stop - keep.start]
+            comm.Sendrecv(data[give], dest=partner, recvbuf=received, source=partner)
+            op(data[keep], received, out=out[keep])
+            data = out
+            distance //= 2
+        if data is mine:  # p == 1: nothing to reduce
+            out[...] = mine
+
+        # Allgather by recursive doubling: swap windows with the partner, so they double each step.
+        distance = 1
+        while distance < q:
+            partner = me ^ distance
+            first, theirs = me - me % distance, partner - partner % distance  # windows' first chunks
+            comm.Sendrecv(out[start[first]:start[first + distance]], dest=real[partner],
+                          recvbuf=out[start[theirs]:start[theirs + distance]], source=real[partner])
+            distance *= 2
+    _fold_out(comm, out)
+    return out.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+ALGORITHMS = {
+    "naive": naive_allreduce,
+    "tree": tree_allreduce,
+    "recursive_doubling": recursive_doubling_allreduce,
+    "ring": ring_allreduce,
+    "rabenseifner": rabenseifner_allreduce,
+}
+
+
+_auto_choices = {}  # (nbytes, p) -> costmodel.choose(nbytes, p); auto asks at every call, so remember
+
+
+def allreduce(comm, x, op="sum", algorithm="ring", check=True):
+    """Return a new array, equal on every rank, holding op ("sum", "prod", "max", "min") over all ranks' x.
+
+    algorithm is one of ALGORITHMS or "auto", which asks costmodel.choose for the fastest one at
+    this size and rank count (with costmodel.DEFAULT_PARAMS). check=True (the default) first makes sure, with one small allgather,
+    that all ranks passed the same shape, dtype, op and algorithm, and raises ValueError on every
+    rank if not; check=False skips that collective (the benchmark does, to time the algorithm alone).
+    """
+    if check:
+        check_same_on_all_ranks(comm, "allreduce",
+                                type=type(x).__name__,
+                                shape=getattr(x, "shape", None),
+                                dtype=str(x.dtype) if isinstance(x, np.ndarray) else None,
+                                op=op if isinstance(op, str) else repr(op),
+                                algorithm=algorithm if isinstance(algorithm, str) else repr(algorithm))
+    if algorithm == "auto":
+        key = (getattr(x, "nbytes", 0), comm.size)  # the algorithm itself checks x
+        algorithm = _auto_choices.get(key) or _auto_choices.setdefault(key, costmodel.choose(*key))
+    run = ALGORITHMS.get(algorithm) if isinstance(algorithm, str) else None
+    if run is None:
+        raise ValueError(f"allreduce: unknown algorithm {algorithm!r}; "
+                         f"valid algorithms are {', '.join(ALGORITHMS)}, auto")
+    return run(comm, x, op)

@@ -1,0 +1,150 @@
+"""The alpha-beta-gamma cost model of AllReduce, and how to measure its constants.
+
+Sending a message of m bytes takes alpha + m beta seconds (alpha: latency, beta: seconds per byte,
+1 / bandwidth); reducing m bytes takes m gamma seconds. For each algorithm in allreduce.py,
+predict() adds up the steps on the critical path:
+
+    t = predict("ring", nbytes=8 << 20, p=4, alpha=5e-6, beta=1e-9, gamma=3e-10)
+    fastest = choose(nbytes=8 << 20, p=4)            # what allreduce(..., algorithm="auto") runs
+    alpha, beta = fit_alpha_beta(comm)               # a ping-pong between ranks 0 and 1
+"""
+import math
+import time
+from types import MappingProxyType
+
+import numpy as np
+
+__all__ = ["predict", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
+
+# Measured on the course machine (2 cores, 4 ranks, MPICH 5 from its PyPI wheel, shared memory) with
+#     mpiexec -n 4 python -m syncml_lib.bench allreduce --fit
+# which fits alpha and beta (least squares, relative errors) to the median times of
+# recursive_doubling, ring and rabenseifner at 8 B .. 64 MB, with gamma from measure_gamma().
+# alpha is large because it is the cost of one *step* of our Python code on 4 ranks sharing
+# 2 cores, not of one bare message; a ping-pong (fit_alpha_beta) measures a few microseconds.
+#
+# Read-only, because allreduce(algorithm="auto") remembers its choices: pass other constants to
+# choose(nbytes, p, params) instead.
+DEFAULT_PARAMS = MappingProxyType(dict(alpha=3.4e-5, beta=5.3e-10, gamma=5e-11))
+
+
+def _log2_floor(p):
+    return p.bit_length() - 1
+
+
+def _fold(nbytes, alpha, beta, gamma, p):
+    """The cost of folding p ranks into a power of two and back: 0 if p is one already."""
+    if p == 1 << _log2_floor(p):
+        return 0.0
+    return 2 * (alpha + nbytes * beta) + nbytes * gamma
+
+
+def predict(algorithm, nbytes, p, alpha, beta, gamma=0.0):
+    """Predicted seconds for an allreduce of nbytes bytes on p ranks. With q = 2^floor(log2 p):
+
+    naive               2(p-1)(alpha + n beta) + (p-1) n gamma         rank 0 serializes everything
+    tree                2 ceil(log2 p)(alpha + n beta) + ceil(log2 p) n gamma
+    recursive_doubling  log2 q (alpha + n beta + n gamma) + fold
+    ring                2(p-1) alpha + 2 (p-1)/p n beta + (p-1)/p n gamma
+    rabenseifner        2 log2 q alpha + 2 (q-1)/q n beta + (q-1)/q n gamma + fold
+
+    where fold = 2(alpha + n beta) + n gamma if p is not a power of two (the extra ranks hand their
+    data to a partner and get the result back), else 0.
+    """
+    n, a, b, g = nbytes, alpha, beta, gamma
+    if p == 1:
+        return 0.0
+    if algorithm == "naive":
+        return 2 * (p - 1) * (a + n * b) + (p - 1) * n * g
+    if algorithm == "tree":
+        rounds = math.ceil(math.log2(p))
+        return 2 * rounds * (a + n * b) + rounds * n * g
+    q = 1 << _log2_floor(p)
+    if algorithm == "recursive_doubling":
+        return _log2_floor(p) * (a + n * b + n * g) + _fold(n, a, b, g, p)
+    if algorithm == "ring":
+        return 2 * (p - 1) * a + 2 * (p - 1) / p * n * b + (p - 1) / p * n * g
+    if algorithm == "rabenseifner":
+        return 2 * _log2_floor(p) * a + 2 * (q - 1) / q * n * b + (q - 1) / q * n * g + _fold(n, a, b, g, p)
+    raise ValueError(f"predict: unknown algorithm {algorithm!r}; "
+                     f"valid algorithms are naive, tree, recursive_doubling, ring, rabenseifner")
+
+
+ALGORITHMS = ("naive", "tree", "recursive_doubling", "ring", "rabenseifner")
+
+
+def choose(nbytes, p, params=DEFAULT_PARAMS):
+    """The algorithm with the smallest predicted time (ties go to the first in ALGORITHMS).
+
+    params holds alpha, beta and optionally gamma, e.g. the dict fit_params returns.
+    """
+    return min(ALGORITHMS, key=lambda name: predict(name, nbytes, p, **params))
+
+
+def fit_line(sizes, times):
+    """Fit times = alpha + beta * sizes by least squares on relative errors; return (alpha, beta).
+
+    Relative errors (weights 1/time) keep the tiny times of small messages, which carry alpha,
+    from being drowned by the large ones, which carry beta.
+    """
+    sizes, times = np.asarray(sizes, dtype=float), np.asarray(times, dtype=float)
+    beta, alpha = np.polyfit(sizes, times, 1, w=1 / times)
+    return float(alpha), float(beta)
+
+
+def fit_params(timings, p, gamma=0.0):
+    """Fit alpha and beta to measured allreduce times {(algorithm, nbytes): seconds} on p ranks.
+
+    gamma is given (measure it with measure_gamma: it is hard to tell apart from beta in
+    allreduce times). predict() is linear in alpha and beta, so this is one least-squares solve,
+    on relative errors like fit_line. Returns dict(alpha=..., beta=..., gamma=gamma) for choose().
+    """
+    keys = list(timings)
+    times = np.array([timings[k] for k in keys])
+    reducing = np.array([predict(name, nbytes, p, 0, 0, gamma) for name, nbytes in keys])
+    A = np.array([[predict(name, nbytes, p, 1, 0), predict(name, nbytes, p, 0, 1)] for name, nbytes in keys])
+    (alpha, beta), *_ = np.linalg.lstsq(A / times[:, None], 1 - reducing / times, rcond=None)
+    return dict(alpha=float(alpha), beta=float(beta), gamma=gamma)
+
+
+def fit_alpha_beta(comm, sizes=(8, 64, 1 << 10, 8 << 10, 64 << 10, 1 << 20, 4 << 20), repeat=20):
+    """Ping-pong between ranks 0 and 1 and fit alpha, beta to the half round-trip times.
+
+    For each size, rank 0 sends a buffer to rank 1 and rank 1 sends it back, `repeat` times; the
+    median half round trip is one sample. The other ranks wait in a sleeping loop, so they do not
+    steal the cores. Collective; every rank returns the same (alpha, beta).
+    """
+    if comm.size < 2:
+        raise ValueError("fit_alpha_beta needs at least 2 ranks")
+    samples = []
+    if comm.rank < 2:
+        other = 1 - comm.rank
+        for size in sizes:
+            buf = np.zeros(size, dtype=np.uint8)
+            halves = []
+            for i in range(repeat + 2):  # the first two are warm-up
+                start = time.perf_counter()
+                if comm.rank == 0:
+                    comm.Send(buf, dest=other)
+                    comm.Recv(buf, source=other)
+                else:
+                    comm.Recv(buf, source=other)
+                    comm.Send(buf, dest=other)
+                halves.append((time.perf_counter() - start) / 2)
+            samples.append(np.median(halves[2:]))
+    done = comm.Ibarrier()
+    while not done.Test():
+        time.sleep(1e-3)
+    alpha, beta = fit_line(sizes, samples) if comm.rank == 0 else (None, None)
+    return comm.bcast((alpha, beta), root=0)
+
+
+def measure_gamma(nbytes=8 << 20, repeat=10):
+    """Seconds per byte of np.add(a, b, out=a) on float64 arrays of nbytes bytes (local, no MPI)."""
+    a, b = np.ones(nbytes // 8), np.ones(nbytes // 8)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        np.add(a, b, out=a)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / a.nbytes
