@@ -8,6 +8,8 @@ learner's code inside try/except and returns what it saw (never raising, so one 
 leave the others waiting). The *driver* gathers those reports by rank and raises `CheckFailed`
 naming the first rank, trial and value that are wrong, or prints what passed.
 """
+import contextlib
+import sys
 import time
 import traceback
 
@@ -31,6 +33,11 @@ def _on_engine(rank_fn, *args):
 
 STUCK = ("did not finish within {timeout}s: it is waiting for a message or a collective that never comes "
          "(some ranks call what others skip, or a rank that hit an error left early)")
+STUCK_INSIDE = ("is still inside your function after {timeout}s, waiting for a message or a collective that "
+                "the other ranks never send or call")
+STUCK_AFTER = ("returned from your function, then waited {timeout}s for the other ranks, which are still "
+               "inside theirs")
+RESTART = "; the engines stay stuck: stop the cluster (`cluster.stop_cluster_sync()`) and start a new one"
 
 
 def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=30):
@@ -50,17 +57,34 @@ def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=30):
             return [exc.results.get(rank, stuck) for rank in range(n)]
     # one request per engine, all sent at once, so the ranks run together and each can be waited for
     requests = [view.client[engine].apply_async(_on_engine, rank_fn, *args) for engine in view.targets]
-    stuck = [stuck[0] + "; this engine stays stuck: stop the cluster (`cluster.stop_cluster_sync()`) and start a new one"]
     deadline = time.monotonic() + timeout
-    reports = []
     for request in requests:
         request.wait(max(0.0, deadline - time.monotonic()))
-        reports.append(request.get() if request.ready() else stuck)
+    reports = []
+    for request in requests:
+        if request.ready():
+            reports.append(request.get())
+        else:  # what _call published from the engine says where this rank is waiting
+            inside = (request.data or {}).get("inside_learner_function")
+            why = {True: STUCK_INSIDE, False: STUCK_AFTER}.get(inside, STUCK).format(timeout=timeout)
+            first_stuck = not any(RESTART in r[0] for r in reports if r)
+            reports.append([why + (RESTART if first_stuck else "")])
     return reports
+
+
+def _publish(inside):
+    """On an ipyparallel engine, tell the notebook whether this rank is inside the learner's function,
+    so that a check that times out can say which ranks are stuck where."""
+    if "ipyparallel.engine" in sys.modules:
+        with contextlib.suppress(Exception):
+            from ipyparallel.datapub import publish_data
+
+            publish_data({"inside_learner_function": inside})
 
 
 def _call(fn, *args):
     """Call the learner's fn; return (result, None) or (None, description of the exception)."""
+    _publish(True)
     try:
         return fn(*args), None
     except NotImplementedError:
@@ -68,6 +92,8 @@ def _call(fn, *args):
     except Exception as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return None, f"raised {type(exc).__name__}: {exc} (line {where.lineno} of {where.name})"
+    finally:
+        _publish(False)
 
 
 def _anyone(comm, problems):
@@ -78,6 +104,7 @@ def _anyone(comm, problems):
 
 def _report(title, reports):
     """Raise CheckFailed with each rank's first problem, or print a pass line."""
+    __tracebackhide__ = True  # IPython and pytest show the message, not this frame
     problems = [f"rank {rank}: {rank_problems[0]}" for rank, rank_problems in enumerate(reports) if rank_problems]
     if problems:
         shown = "\n  ".join(problems[:8])
@@ -91,11 +118,30 @@ def _report(title, reports):
 GLOBAL_MEAN_TRIALS = 4
 
 
+COLLECTIVES = {"Allreduce", "allreduce", "Reduce", "reduce", "Bcast", "bcast", "Gather", "gather", "Gatherv",
+               "Allgather", "allgather", "Allgatherv", "Scatter", "scatter", "Scatterv", "Alltoall", "alltoall",
+               "Reduce_scatter", "Reduce_scatter_block", "Scan", "scan", "Exscan", "exscan", "Barrier", "barrier"}
+
+
+class _CountingComm:
+    """Forwards everything to comm and counts the collective calls made through it."""
+
+    def __init__(self, comm):
+        self._comm, self.collectives = comm, []
+
+    def __getattr__(self, name):
+        attribute = getattr(self._comm, name)
+        if name in COLLECTIVES:
+            self.collectives.append(name)
+        return attribute
+
+
 def global_mean_inputs(trial, size):
-    """Every rank's local values for one trial: uneven lengths, one rank with none."""
+    """Every rank's local values for one trial: uneven lengths; from trial 1 on, one rank has none."""
     rng = np.random.default_rng(1000 + trial)
     lengths = rng.integers(1, 7, size=size)
-    lengths[trial % size] = 0 if size > 1 else lengths[0]
+    if trial > 0 and size > 1:
+        lengths[trial % size] = 0
     return [rng.normal(loc=trial, scale=3.0, size=k) for k in lengths]
 
 
@@ -106,9 +152,13 @@ def _global_mean_on_rank(comm, global_mean):
         mine = everyone[comm.rank].copy()
         expected = np.concatenate(everyone).mean()
         lengths = [len(v) for v in everyone]
-        got, error = _call(global_mean, comm, mine)
+        counting = _CountingComm(comm)
+        got, error = _call(global_mean, counting, mine)
         if error:
             problems.append(f"trial {trial} (lengths by rank {lengths}): your function {error}")
+        elif len(counting.collectives) != 1:
+            problems.append(f"trial {trial}: your function made {len(counting.collectives)} collective calls "
+                            f"({', '.join(counting.collectives) or 'none'}); the exercise asks for exactly one")
         elif not np.array_equal(mine, everyone[comm.rank]):
             problems.append(f"trial {trial}: your function changed its input array")
         elif not np.isscalar(got) and np.shape(got) != ():
@@ -124,6 +174,7 @@ def _global_mean_on_rank(comm, global_mean):
 
 def check_global_mean(global_mean, view=None, n=4, timeout=30):
     """global_mean(comm, local_values) must return the mean of all ranks' values, on every rank."""
+    __tracebackhide__ = True
     reports = run_on_ranks(_global_mean_on_rank, global_mean, view=view, n=n, timeout=timeout)
     _report("check_global_mean", reports)
 
@@ -147,9 +198,11 @@ def _recording(comm):
         def __init__(self, comm):
             super().__init__(comm)
             self.sent = []  # (step, dest, copy of the data)
+            self.blocking_sends = 0
 
         def Send(self, buf, dest, tag=0):
             self.sent.append((self.steps, dest, np.array(buf, copy=True)))
+            self.blocking_sends += 1
             return super().Send(buf, dest, tag)
 
         def Isend(self, buf, dest, tag=0):
@@ -176,13 +229,21 @@ def _show(values, limit=4):
     return f"[{shown}{', ...' if values.size > limit else ''}] ({values.size} values)"
 
 
+BLOCKING_SEND = ("used a blocking comm.Send: when every rank sends before it receives, a message too large "
+                 "for MPI to buffer deadlocks the ring (chapter 03, 'A ring with blocking Send then Recv'); "
+                 "exchange with comm.Sendrecv instead")
+
+
 def _first_wrong_message(sent, expected):
     """Compare the messages a rank sent with the (dest, data, what) it should have sent, step by step."""
     for step, (want_dest, want, what) in enumerate(expected):
         if step >= len(sent):
             return f"step {step}: sent nothing; expected to send {what} to rank {want_dest}"
         _, dest, data = sent[step]
-        if dest != want_dest or data.shape != want.shape or not np.array_equal(data, want):
+        right_data = data.shape == want.shape and np.array_equal(data, want)
+        if right_data and dest != want_dest:
+            return f"step {step}: sent the right data ({what}) to rank {dest}, but it should go to rank {want_dest}"
+        if not right_data:
             return (f"step {step}: sent {_show(data)} to rank {dest}; expected {what} = {_show(want)} "
                     f"to rank {want_dest}")
     return None
@@ -209,15 +270,31 @@ def _wrong_values(what, got, want, sent, expected_messages, hint):
             + (f"First wrong message: {why}" if why else f"Every message was right: {hint}"))
 
 
+NOT_IN_PLACE = ("replaced entries of the list `chunks` instead of changing them in place, so the buffer they "
+                "are views of never changed: write into the chunk (`chunk += incoming`, or receive straight into "
+                "it), do not assign `chunks[i] = ...`")
+
+
+def _still_views(chunks, buffer):
+    """Are the learner's chunks still the views of `buffer` they were given?"""
+    return all(c.size == 0 or np.shares_memory(c, buffer) for c in chunks)
+
+
 def _reduce_scatter_trial(comm, reduce_scatter, xs):
     p, r = comm.size, comm.rank
     total = np.array_split(_mpi_total(comm, xs[r].copy()), p)
-    chunks = np.array_split(xs[r].copy(), p)  # views of one buffer
+    buffer = xs[r].copy()
+    chunks = np.array_split(buffer, p)  # views of buffer
     recording = _recording(comm)
     _, error = _call(reduce_scatter, recording, chunks)
     mine = (r + 1) % p
     if error:
         return f"your function {error}"
+    if recording.blocking_sends:
+        return BLOCKING_SEND
+    if not _still_views(chunks, buffer):
+        return NOT_IN_PLACE
+    chunks = np.array_split(buffer, p)
     if np.array_equal(chunks[mine], total[mine]):
         return None
     expected_messages = []
@@ -232,6 +309,7 @@ def _reduce_scatter_trial(comm, reduce_scatter, xs):
 
 def check_ring_reduce_scatter(reduce_scatter, view=None, n=4, timeout=30):
     """reduce_scatter(comm, chunks) must leave chunks[(rank + 1) % p] summed over all ranks."""
+    __tracebackhide__ = True
     reports = run_on_ranks(_run_trials, reduce_scatter, _reduce_scatter_trial, view=view, n=n, timeout=timeout)
     _report("check_ring_reduce_scatter", reports)
 
@@ -239,13 +317,19 @@ def check_ring_reduce_scatter(reduce_scatter, view=None, n=4, timeout=30):
 def _allgather_trial(comm, allgather, xs):
     p, r = comm.size, comm.rank
     total = np.array_split(_mpi_total(comm, xs[r].copy()), p)
-    chunks = np.array_split(np.full(xs.shape[1], np.nan), p)  # what the reduce-scatter left:
-    chunks[(r + 1) % p][:] = total[(r + 1) % p]                # only chunk (r + 1) % p is complete
+    buffer = np.full(xs.shape[1], np.nan)
+    chunks = np.array_split(buffer, p)           # what the reduce-scatter left:
+    chunks[(r + 1) % p][:] = total[(r + 1) % p]  # only chunk (r + 1) % p is complete
     recording = _recording(comm)
     _, error = _call(allgather, recording, chunks)
-    wrong = [c for c in range(p) if not np.array_equal(chunks[c], total[c])]
     if error:
         return f"your function {error}"
+    if recording.blocking_sends:
+        return BLOCKING_SEND
+    if not _still_views(chunks, buffer):
+        return NOT_IN_PLACE
+    chunks = np.array_split(buffer, p)
+    wrong = [c for c in range(p) if not np.array_equal(chunks[c], total[c])]
     if not wrong:
         return None
     expected_messages = [((r + 1) % p, total[(r + 1 - step) % p], f"the complete chunk {(r + 1 - step) % p}")
@@ -256,6 +340,7 @@ def _allgather_trial(comm, allgather, xs):
 
 def check_ring_allgather(allgather, view=None, n=4, timeout=30):
     """allgather(comm, chunks), starting with only chunks[(rank + 1) % p] complete, must complete them all."""
+    __tracebackhide__ = True
     reports = run_on_ranks(_run_trials, allgather, _allgather_trial, view=view, n=n, timeout=timeout)
     _report("check_ring_allgather", reports)
 
@@ -268,6 +353,8 @@ def _recursive_doubling_trial(comm, recursive_doubling, xs):
     got, error = _call(recursive_doubling, recording, mine)
     if error:
         return f"your function {error}"
+    if recording.blocking_sends:
+        return BLOCKING_SEND
     if not np.array_equal(mine, xs[r]):
         return "your function changed its input array; work on a copy"
     if not isinstance(got, np.ndarray) or got.shape != total.shape:
@@ -290,6 +377,7 @@ def _power_of_two_trials(comm, recursive_doubling, one_trial):
 
 def check_recursive_doubling(recursive_doubling, view=None, n=4, timeout=30):
     """recursive_doubling(comm, x) must return the sum of all ranks' x (p a power of two), x unchanged."""
+    __tracebackhide__ = True
     reports = run_on_ranks(_power_of_two_trials, recursive_doubling, _recursive_doubling_trial,
                            view=view, n=n, timeout=timeout)
     _report("check_recursive_doubling", reports)

@@ -56,7 +56,7 @@ def plot_messages(records, size, title=None, ax=None):
     ax.set_ylim(size - 0.5, -0.5)
     ax.set_yticks(range(size), [f"rank {k}" for k in range(size)])
     ax.set_xticks(np.arange(steps) + 0.45, [str(s) for s in range(steps)])
-    ax.set_xlabel("step (arrow: one message)")
+    ax.set_xlabel("call number on each rank (arrow: one message, at the sender's call)")
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)

@@ -74,10 +74,13 @@ def test_global_mean_check_names_rank_trial_and_values_of_a_wrong_answer():
     with pytest.raises(checks.CheckFailed) as info:
         checks.check_global_mean(mean_of_means, n=3)
     message = str(info.value)
-    assert "rank 0: trial 0 (lengths by rank [0," in message
     first_inputs = checks.global_mean_inputs(0, 3)
+    lengths = [len(v) for v in first_inputs]
+    assert len(set(lengths)) > 1 and 0 not in lengths, "trial 0: uneven lengths, no empty rank"
+    assert f"rank 0: trial 0 (lengths by rank {lengths}): returned" in message
+    wrong = np.mean([v.mean() for v in first_inputs])
     expected = np.concatenate(first_inputs).mean()
-    assert f"expected {expected:.6g}" in message
+    assert f"returned {wrong:.6g}, expected {expected:.6g}" in message
 
 
 def hangs_on_rank_one(comm, local_values):
@@ -165,3 +168,58 @@ def test_recursive_doubling_check_refuses_a_rank_count_that_is_not_a_power_of_tw
     solution = exercise_functions("solution:03_allreduce.ipynb")["my_recursive_doubling"]
     with pytest.raises(checks.CheckFailed, match="power-of-two number of ranks, not 3"):
         checks.check_recursive_doubling(solution, n=3)
+
+
+def mean_with_two_collectives(comm, local_values):
+    total = comm.allreduce(float(local_values.sum()))
+    count = comm.allreduce(local_values.size)
+    return total / count
+
+
+def test_global_mean_check_counts_the_collectives():
+    with pytest.raises(checks.CheckFailed, match=r"made 2 collective calls \(allreduce, allreduce\); the exercise asks for exactly one"):
+        checks.check_global_mean(mean_with_two_collectives, n=2)
+
+
+def reduce_scatter_that_rebinds_the_list(comm, chunks):
+    """Right arithmetic, but `chunks[i] = ...` replaces list entries: the caller's buffer never changes."""
+    rank, p = comm.rank, comm.size
+    for step in range(p - 1):
+        incoming = np.empty_like(chunks[(rank - step - 1) % p])
+        comm.Sendrecv(chunks[(rank - step) % p], dest=(rank + 1) % p, recvbuf=incoming, source=(rank - 1) % p)
+        chunks[(rank - step - 1) % p] = chunks[(rank - step - 1) % p] + incoming
+
+
+def test_reduce_scatter_check_insists_on_working_in_place():
+    with pytest.raises(checks.CheckFailed, match="replaced entries of the list `chunks`"):
+        checks.check_ring_reduce_scatter(reduce_scatter_that_rebinds_the_list, n=3)
+
+
+def allgather_with_blocking_send(comm, chunks):
+    """Correct for small chunks, deadlocks for large ones: every rank sends before it receives."""
+    rank, p = comm.rank, comm.size
+    for step in range(p - 1):
+        comm.Send(chunks[(rank + 1 - step) % p], dest=(rank + 1) % p)
+        comm.Recv(chunks[(rank - step) % p], source=(rank - 1) % p)
+
+
+def test_ring_checks_refuse_blocking_sends_that_deadlock_at_scale():
+    with pytest.raises(checks.CheckFailed, match="used a blocking comm.Send"):
+        checks.check_ring_allgather(allgather_with_blocking_send, n=3)
+
+
+def recursive_doubling_with_wrong_partner(comm, x):
+    total = x.copy()
+    for k in range(comm.size.bit_length() - 1):
+        partner = comm.rank ^ k  # should be comm.rank ^ (1 << k): at k = 0 each rank talks to itself
+        incoming = np.empty_like(x)
+        comm.Sendrecv(total, dest=partner, recvbuf=incoming, source=partner)
+        total += incoming
+    return total
+
+
+def test_recursive_doubling_check_says_when_only_the_destination_is_wrong():
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_recursive_doubling(recursive_doubling_with_wrong_partner, n=4)
+    assert "rank 0: length 12:" in str(info.value)
+    assert "step 0: sent the right data (the sum over ranks [0]) to rank 0, but it should go to rank 1" in str(info.value)

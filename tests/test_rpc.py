@@ -1,0 +1,170 @@
+"""rpc.py: request/reply over MPI, under real mpiexec (2 servers, 2 clients), plus roles() in process.
+
+One mpiexec job runs every case: each client calls both servers (echo, deferred replies, errors,
+many calls in a row) and returns what it saw; the tests read that report.
+"""
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from syncml_lib import rpc
+from syncml_lib.mpirun import run
+
+
+
+
+def sample_arrays(seed):
+    rng = np.random.default_rng(seed)
+    return [
+        rng.normal(size=(3, 4)).astype(np.float32),
+        rng.integers(-2**62, 2**62, size=5, dtype=np.int64),
+        np.zeros(0),                                  # 0-length
+        np.zeros((0, 3), dtype=np.float32),
+        np.asarray(7, dtype=np.int64),                # 0-d
+        rng.normal(size=(4, 3)).T,                    # not contiguous
+        np.array([True, False, True]),
+        np.array([1 + 2j, -3.5j]),
+    ]
+
+
+def same_arrays(got, sent):
+    """None if got equals sent exactly (shapes, dtypes, bytes), else what differs."""
+    if len(got) != len(sent):
+        return f"{len(got)} arrays came back, {len(sent)} were sent"
+    for i, (a, b) in enumerate(zip(got, sent)):
+        if not isinstance(a, np.ndarray) or a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
+            return f"array {i}: sent {b.dtype} {b.shape}, got {getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}"
+    return None
+
+
+def outcome(call):
+    try:
+        call()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def job(comm):
+    me = rpc.roles(comm, 2)
+    if me.is_server:
+        meeting = []  # clients waiting in "meet"
+        calls = []
+
+        def echo(source, header, arrays):
+            calls.append(source)
+            return header, arrays
+
+        def whoami(source, header, arrays):
+            return {"source": source, "n": header["n"]}, [np.full(header["n"], source)]
+
+        def meet(source, header, arrays):
+            meeting.append(source)
+            if len(meeting) == len(me.workers):  # the last one in: answer everybody
+                for waiting in meeting:
+                    rpc.reply(comm, waiting, {"met": sorted(meeting), "server": comm.rank})
+                meeting.clear()
+            return rpc.DEFER
+
+        def boom(source, header, arrays):
+            return {}[header["key"]]
+
+        def forgets_to_return(source, header, arrays):
+            pass
+
+        rpc.serve(comm, {"echo": echo, "whoami": whoami, "meet": meet, "boom": boom,
+                         "forgets": forgets_to_return}, clients=me.workers)
+        return {"echo calls": len(calls)}
+
+    report = {"problems": []}
+    for server in me.servers:
+        sent = sample_arrays([comm.rank, server])
+        header, got = rpc.call(comm, server, "echo", {"x": 1, "s": "hi", "rank": comm.rank}, sent)
+        if header != {"x": 1, "s": "hi", "rank": comm.rank}:
+            report["problems"].append(f"server {server}: header came back as {header}")
+        problem = same_arrays(got, sent)
+        if problem:
+            report["problems"].append(f"server {server}: {problem}")
+        header, got = rpc.call(comm, server, "echo")  # no header, no arrays
+        if header != {} or got != []:
+            report["problems"].append(f"server {server}: an empty request came back as {header}, {got}")
+
+    for n in range(20):  # many calls in a row, alternating servers: every reply is for this rank
+        server = me.servers[n % 2]
+        header, (filled,) = rpc.call(comm, server, "whoami", {"n": n})
+        if header != {"source": comm.rank, "n": n} or filled.shape != (n,) or np.any(filled != comm.rank):
+            report["problems"].append(f"whoami {n}: got {header}, {filled}")
+
+    report["met"] = [rpc.call(comm, server, "meet")[0] for server in me.servers]
+    report["boom"] = outcome(lambda: rpc.call(comm, 0, "boom", {"key": "w2"}))
+    report["unknown kind"] = outcome(lambda: rpc.call(comm, 1, "bomo"))
+    report["forgets"] = outcome(lambda: rpc.call(comm, 0, "forgets"))
+    report["object array"] = outcome(lambda: rpc.call(comm, 0, "echo", arrays=[np.array([{}, None])]))
+    report["still works"] = outcome(lambda: rpc.call(comm, 1, "echo", {"ok": True}))
+    for server in me.servers:
+        rpc.call(comm, server, rpc.DONE)
+    return report
+
+
+@functools.cache
+def reports():
+    return run(job, 4, timeout=30)
+
+
+def test_arrays_and_headers_round_trip_exactly():
+    servers, clients = reports()[:2], reports()[2:]
+    for client in clients:
+        assert not client["problems"], client["problems"]
+    # 2 echo calls from each of 2 clients to each server, and the "still works" echo to server 1
+    assert [server["echo calls"] for server in servers] == [4, 6]
+
+
+def test_a_deferred_reply_waits_for_every_client():
+    for client in reports()[2:]:
+        assert client["met"] == [{"met": [2, 3], "server": 0}, {"met": [2, 3], "server": 1}]
+
+
+def test_handler_errors_come_back_to_the_caller_and_the_server_carries_on():
+    for client in reports()[2:]:
+        assert client["boom"] == ("RemoteError", "server 0: KeyError: 'w2'")
+        kind, message = client["unknown kind"]
+        assert kind == "RemoteError" and message.startswith("server 1: ValueError: unknown request kind 'bomo'")
+        for name in ("echo", "whoami", "meet", "boom", "done"):
+            assert repr(name) in message
+        kind, message = client["forgets"]
+        assert kind == "RemoteError" and "'forgets' returned None" in message
+        kind, message = client["object array"]
+        assert kind == "TypeError" and "Python objects" in message
+        assert client["still works"] is None
+
+
+def test_remote_error_keeps_the_server_traceback():
+    error = rpc.RemoteError("server 0: KeyError: 'w2'", "Traceback ...")
+    assert str(error) == "server 0: KeyError: 'w2'" and error.remote_traceback == "Traceback ..."
+
+
+def test_roles_split_the_ranks():
+    comm = SimpleNamespace(size=5, rank=0)
+    assert rpc.roles(comm, 2) == rpc.Roles(True, 0, [0, 1], [2, 3, 4])
+    comm.rank = 3
+    assert rpc.roles(comm, 2) == rpc.Roles(False, 1, [0, 1], [2, 3, 4])
+
+
+@pytest.mark.parametrize("size, n_servers", [(1, 1), (2, 2), (3, 5)])
+def test_roles_refuse_to_leave_no_worker(size, n_servers):
+    for rank in range(size):  # the answer depends on size and n_servers only: the same on every rank
+        with pytest.raises(ValueError, match="leaves no worker"):
+            rpc.roles(SimpleNamespace(size=size, rank=rank), n_servers)
+
+
+@pytest.mark.parametrize("n_servers", [0, -1, 1.5])
+def test_roles_need_a_positive_number_of_servers(n_servers):
+    with pytest.raises(ValueError, match="n_servers"):
+        rpc.roles(SimpleNamespace(size=4, rank=0), n_servers)
+
+
+def test_done_is_reserved():
+    with pytest.raises(ValueError, match="reserved"):
+        rpc.serve(None, {"done": lambda *args: ({}, [])}, clients=[1])
