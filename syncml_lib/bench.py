@@ -10,6 +10,15 @@ comm.allreduce. One sample is the slowest rank's time for one call, after a Barr
 take turns in a random order, and the table shows the median sample and, for each algorithm, its
 ratio to comm.Allreduce. --fit also fits the cost model's alpha and beta to the measured times
 (how costmodel.DEFAULT_PARAMS was set).
+
+    mpiexec -n 4 python -m syncml_lib.bench ps                       # 8 MB model, 10 steps, ~10 s
+    mpiexec -n 4 python -m syncml_lib.bench ps --size 10000 --steps 3
+
+ps: the parameter server (parameter_server.py) with 1 and with 2 servers (the other ranks are
+workers), BSP and ASP, against an allreduce of the same gradient among the workers only (ring_allreduce
+and comm.Allreduce on a communicator of the W workers). grad_fn returns a fixed precomputed array,
+so the step time is all communication and bookkeeping. The table compares the measured
+PS / ring ratio with costmodel.ps_over_ring under costmodel.DEFAULT_PARAMS.
 """
 import argparse
 import time
@@ -18,7 +27,8 @@ import numpy as np
 from mpi4py import MPI
 
 from . import costmodel
-from .allreduce import ALGORITHMS, allreduce
+from .allreduce import ALGORITHMS, allreduce, ring_allreduce
+from .parameter_server import run_parameter_server
 
 DEFAULT_SIZES = ["8", "64", "1K", "8K", "64K", "1M", "8M", "64M"]
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
@@ -149,6 +159,147 @@ def main_allreduce(args):
             print_fitted_params(rows, comm.size)
 
 
+# ----------------------------------------------------------------------------- parameter server
+
+PS_CONFIGS = [(1, "bsp"), (1, "asp"), (2, "bsp"), (2, "asp")]  # (servers, mode)
+TINY = 64 * 8  # bytes of the tiny model whose step time measures the per-message cost
+
+
+def ps_step_time(history):
+    """Median time between the ends of consecutive steps (a step ends when its last worker is
+    done), over steps 1, 2, ...: step 0 is a warm-up. In ASP, the slowest worker's pace."""
+    steps = sorted({row["step"] for row in history})
+    finish = np.array([max(row["end"] for row in history if row["step"] == t) for t in steps])
+    return float(np.median(np.diff(finish)))
+
+
+def time_ps(comm, nbytes, n_servers, mode, steps):
+    """(step time, bytes through each server per step) of run_parameter_server with a model of
+    nbytes whose grad_fn returns a fixed precomputed gradient (no compute)."""
+    grad = {"w": np.random.default_rng(1).standard_normal(nbytes // 8)}
+    comm.Barrier()
+    result = run_parameter_server(comm, {"w": np.zeros(nbytes // 8)}, lambda params, worker, step: grad,
+                                  steps=steps, lr=0.01, mode=mode, n_servers=n_servers)
+    return ps_step_time(result.history), [(b["sent"] + b["received"]) / steps for b in result.server_bytes]
+
+
+def wait_sleeping(comm):
+    """A Barrier that sleeps instead of spinning, so a rank that waits leaves the cores to the others."""
+    done = comm.Ibarrier()
+    while not done.Test():
+        time.sleep(1e-3)
+
+
+def time_allreduce_among_workers(comm, n_servers, nbytes, repeat):
+    """{name: seconds} of ring_allreduce and comm.Allreduce of nbytes among the ranks n_servers..p-1
+    only (the workers of a parameter server with n_servers servers), the same on every rank.
+    The server ranks sleep meanwhile."""
+    is_worker = comm.rank >= n_servers
+    workers = comm.Split(0 if is_worker else MPI.UNDEFINED, comm.rank)
+    times = None
+    if is_worker:
+        x = np.random.default_rng(comm.rank).random(nbytes // 8)
+        out = np.empty_like(x)
+        times = time_calls(workers, {"ring": lambda: ring_allreduce(workers, x),
+                                     "MPI Allreduce": lambda: workers.Allreduce(x, out)}, repeat)
+        workers.Free()
+    wait_sleeping(comm)
+    return comm.bcast(times, root=n_servers)
+
+
+def measure_server_pass(comm, nbytes, repeat=10):
+    """Seconds per byte of one numpy pass over nbytes of fresh memory (c = a + b, c *= 0.5,
+    a.copy(): what a server does to its slice) on rank 0 while the other ranks busy-wait in MPI,
+    as the workers of a parameter server do. Mean, not median: the server's work is long enough
+    to be preempted, and that is the point. The same on every rank."""
+    cost = None
+    if comm.rank == 0:
+        a, b = np.random.random(nbytes // 8), np.random.random(nbytes // 8)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            c = a + b
+            c *= 0.5
+            a.copy()
+        cost = (time.perf_counter() - start) / (3 * repeat) / a.nbytes
+    comm.Barrier()  # the others spin here
+    return comm.bcast(cost, root=0)
+
+
+def bench_ps(comm, nbytes, steps, repeat):
+    """One row per (servers, mode) in PS_CONFIGS: the parameter server's step time and bytes through
+    each server per step; the allreduce times among the same workers; and, to calibrate the cost
+    model in this run, the same at a tiny size (per-message cost) and the server's cost per pass."""
+    rows = []
+    for n_servers, mode in PS_CONFIGS:
+        ring = time_allreduce_among_workers(comm, n_servers, nbytes, repeat)
+        tiny_ring = time_allreduce_among_workers(comm, n_servers, TINY, repeat)["ring"]
+        step, server_bytes = time_ps(comm, nbytes, n_servers, mode, steps)
+        tiny_step, _ = time_ps(comm, TINY, n_servers, mode, steps)
+        rows.append(dict(servers=n_servers, workers=comm.size - n_servers, mode=mode, nbytes=nbytes, step=step,
+                         server_bytes=server_bytes, tiny_step=tiny_step, tiny_ring=tiny_ring,
+                         server_pass=measure_server_pass(comm, nbytes // n_servers), **ring))
+    return rows
+
+
+def predict_ps_row(row):
+    """(predicted PS/ring with DEFAULT_PARAMS, predicted PS/ring calibrated in this run, the latter's
+    parameters). Calibrated: alpha of each side from its tiny-model time (divided by its number of
+    messages in sequence: 4 max(W, S) for the PS, 2 (W-1) for the ring), the server's gamma from
+    measure_server_pass; beta, and the ring's gamma, stay DEFAULT_PARAMS'."""
+    w, s, n = row["workers"], row["servers"], row["nbytes"]
+    d = costmodel.DEFAULT_PARAMS
+    default = costmodel.ps_over_ring(n, w, s, **d)
+    ps_alpha = row["tiny_step"] / (4 * max(w, s))
+    ring_alpha = row["tiny_ring"] / (2 * (w - 1))
+    ps = costmodel.predict_ps(n, w, s, ps_alpha, d["beta"], row["server_pass"])
+    ring = costmodel.predict("ring", n, w, ring_alpha, d["beta"], d["gamma"])
+    return default, ps / ring, dict(ps_alpha=ps_alpha, ring_alpha=ring_alpha, server_gamma=row["server_pass"],
+                                    ps=ps, ring=ring)
+
+
+def print_ps_table(rows, p, steps):
+    header = ["config", "workers", "servers", "PS step time", "ring allreduce (same W)", "MPI Allreduce",
+              "measured PS/ring", "predicted (DEFAULT_PARAMS)", "predicted (calibrated)", "measured/predicted",
+              "bytes per server per step"]
+    lines, notes = [], []
+    for row in rows:
+        measured = row["step"] / row["ring"]
+        default, calibrated, fit = predict_ps_row(row)
+        s = row["servers"]
+        lines.append([f"{s} server{'s' if s > 1 else ''} {row['mode'].upper()}", row["workers"], s,
+                      format_time(row["step"]), format_time(row["ring"]), format_time(row["MPI Allreduce"]),
+                      f"{measured:.2f}", f"{default:.2f}", f"{calibrated:.2f}", f"{measured / calibrated:.2f}x",
+                      " + ".join(format_size(round(b)) for b in row["server_bytes"])])
+        verdict = "within" if 1 / 1.5 <= measured / calibrated <= 1.5 else "NOT within"
+        notes.append(f"{lines[-1][0]}: measured {measured:.2f} vs calibrated {calibrated:.2f} -> {verdict} 1.5x "
+                     f"(DEFAULT_PARAMS: {measured / default:.2f}x off). PS step {format_time(fit['ps'])} predicted, "
+                     f"ring {format_time(fit['ring'])}; per-message alpha PS {format_time(fit['ps_alpha'])}, "
+                     f"ring {format_time(fit['ring_alpha'])}; server pass {fit['server_gamma']:.2g} s/B")
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    print(f"parameter server vs ring allreduce among the workers only: {format_size(rows[0]['nbytes'])} "
+          f"of float64, {p} ranks, {steps} steps (the first is a warm-up); PS step: median time between "
+          f"step ends; allreduce: median of the slowest worker's time")
+    for cells in [header, ["-" * w for w in widths], *lines]:
+        print(" | ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
+    d = costmodel.DEFAULT_PARAMS
+    print(f"\npredicted PS/ring = costmodel.predict_ps(n, W, S) / predict('ring', n, p=W). DEFAULT_PARAMS: "
+          f"alpha={d['alpha']:.2g}, beta={d['beta']:.2g}, gamma={d['gamma']:.2g} for both. Calibrated in this "
+          f"run: beta from DEFAULT_PARAMS; alpha of each from its step time with a {TINY} B model; the "
+          f"server's gamma from a pass over fresh memory while the other ranks busy-wait. Target: within 1.5x")
+    for note in notes:
+        print(note)
+
+
+def main_ps(args):
+    comm = MPI.COMM_WORLD
+    if comm.size < 3:
+        raise SystemExit("bench ps needs at least 3 ranks (2 servers and a worker)")
+    nbytes = parse_size(args.size) // 8 * 8
+    rows = bench_ps(comm, nbytes, args.steps, repeats_for(nbytes, args.repeat))
+    if comm.rank == 0:
+        print_ps_table(rows, comm.size, args.steps)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -165,8 +316,16 @@ def main(argv=None):
                                   help="also fit the cost model's alpha and beta to the times")
     allreduce_parser.set_defaults(main=main_allreduce)
 
-    # Other benchmarks (e.g. `ps`, the parameter server) add their subparser here, with a
-    # main_<name>(args) function in their own section above.
+    ps_parser = commands.add_parser("ps", help="the parameter server against an allreduce among its workers")
+    ps_parser.add_argument("--size", default="8M", help="model size in bytes, float64 (default: 8M, 1M floats)")
+    ps_parser.add_argument("--steps", type=int, default=10,
+                           help="steps per configuration; the first is a warm-up (default: 10)")
+    ps_parser.add_argument("--repeat", type=int, default=50,
+                           help="allreduce repeats, fewer for large sizes (default: 50)")
+    ps_parser.set_defaults(main=main_ps)
+
+    # Other benchmarks add their subparser here, with a main_<name>(args) function in their own
+    # section above.
 
     args = parser.parse_args(argv)
     args.main(args)

@@ -18,7 +18,7 @@ import numpy as np
 from . import mpirun
 
 __all__ = ["CheckFailed", "run_on_ranks", "check_global_mean", "check_ring_reduce_scatter", "check_ring_allgather",
-           "check_recursive_doubling"]
+           "check_recursive_doubling", "check_ssp_rule", "check_momentum", "check_shard"]
 
 
 class CheckFailed(AssertionError):
@@ -381,3 +381,209 @@ def check_recursive_doubling(recursive_doubling, view=None, n=4, timeout=30):
     reports = run_on_ranks(_power_of_two_trials, recursive_doubling, _recursive_doubling_trial,
                            view=view, n=n, timeout=timeout)
     _report("check_recursive_doubling", reports)
+
+
+# ---------------------------------------------------------------- chapter 02: the parameter server's rules
+
+@contextlib.contextmanager
+def _in_place_of(module, name, replacement):
+    """Run the library with the learner's function in place of module.name, then put the original back."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _least_squares(n_workers, dim=4, samples=12):
+    """A seeded least-squares problem split over the workers: (grad_fn, initial params)."""
+    rng = np.random.default_rng(2024)
+    X, y = rng.normal(size=(n_workers * samples, dim)), rng.normal(size=n_workers * samples)
+    parts = np.array_split(np.arange(len(y)), n_workers)
+
+    def grad_fn(params, worker, step):
+        rows = parts[worker]
+        return {"w": X[rows].T @ (X[rows] @ params["w"] - y[rows]) / len(rows)}
+
+    return grad_fn, {"w": np.zeros(dim)}
+
+
+def _sequential_reference(grad_fn, params, n_workers, steps, lr, optimizer="sgd", momentum=0.9):
+    """What BSP must give: params -= lr * mean_w grad (with momentum, through the velocity), step by step."""
+    w, velocity = params["w"].copy(), np.zeros_like(params["w"])
+    for step in range(steps):
+        mean = sum(grad_fn({"w": w}, worker, step)["w"] for worker in range(n_workers)) / n_workers
+        if optimizer == "momentum":
+            velocity = momentum * velocity + mean
+            mean = velocity
+        w = w - lr * mean
+    return w
+
+
+def _run_with(comm, module_name, learner, **run_args):
+    """A real run_parameter_server with the learner's function in place; (result, problem or None)."""
+    from . import parameter_server
+
+    n_workers = comm.size - run_args.get("n_servers", 1)
+    grad_fn, params = _least_squares(n_workers)
+    try:
+        with _in_place_of(parameter_server, module_name, learner):
+            result = parameter_server.run_parameter_server(comm, params, grad_fn, **run_args)
+    except Exception as exc:
+        return None, f"the parameter server, run with your function, failed: {type(exc).__name__}: {exc}"
+    return result, None
+
+
+def _compare_with_reference(comm, result, **run_args):
+    """Problem text if a BSP run's final parameters differ from the sequential reference, else None."""
+    n_workers = comm.size - run_args.get("n_servers", 1)
+    grad_fn, params = _least_squares(n_workers)
+    expected = _sequential_reference(grad_fn, params, n_workers, run_args["steps"], run_args["lr"],
+                                     run_args.get("optimizer", "sgd"))
+    got = result.params["w"]
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-12, atol=1e-14):
+        i = int(np.argmax(np.abs(got - expected))) if got.shape == expected.shape else 0
+        return (f"a real BSP run ({n_workers} workers, {run_args.get('n_servers', 1)} servers, {run_args['steps']} "
+                f"steps) with your function ended with w = {_show(got)}, expected w = {_show(expected)} "
+                f"(element {i} differs most)")
+    return None
+
+
+def _ssp_rule_on_rank(comm, may_read):
+    problems = []
+    if comm.rank == 0:  # the rule itself, on every case a server can meet (the clock never passes the step)
+        for staleness in (0, 1, 3):
+            for step in range(7):
+                for clock in range(step + 1):
+                    got, error = _call(may_read, step, clock, staleness)
+                    want = clock >= step - staleness
+                    if error:
+                        problems.append(f"may_read(step={step}, clock={clock}, staleness={staleness}) {error}")
+                    elif bool(got) != want:
+                        missing = step - clock
+                        why = (f"the worker would miss the updates of {missing} step(s) before step {step}, "
+                               f"more than staleness={staleness} allows" if not want else
+                               f"it misses the updates of {missing} step(s), within staleness={staleness}: "
+                               f"blocking it here only wastes time (and with staleness=0 deadlocks BSP)")
+                        problems.append(f"may_read(step={step}, clock={clock}, staleness={staleness}) returned "
+                                        f"{got!r}, expected {want}: {why}")
+                    if problems:
+                        break
+                if problems:
+                    break
+            if problems:
+                break
+    if _anyone(comm, problems):
+        return problems
+    # the rule inside a real SSP run, with worker 0 slower than the others
+    result, problem = _run_with(comm, "may_read", may_read, steps=6, lr=0.05, mode="ssp", staleness=1,
+                                n_servers=1)
+    if problem:
+        return [problem]
+    for row in result.history:
+        if row["staleness"] > 1:
+            return [f"worker {row['worker']}, step {row['step']}: computed on parameters with clock "
+                    f"{row['read_clock']}, {row['staleness']} steps stale (staleness=1)"]
+    return []
+
+
+def check_ssp_rule(may_read, view=None, n=4, timeout=60):
+    """may_read(step, clock, staleness) must be SSP's admission rule, in a table and in a real SSP run."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_ssp_rule_on_rank, may_read, view=view, n=n, timeout=timeout)
+    _report("check_ssp_rule", reports)
+
+
+def _momentum_on_rank(comm, momentum_update):
+    problems = []
+    rng = np.random.default_rng(20 + comm.rank)
+    param, velocity = rng.normal(size=5), np.zeros(5)
+    want_param, want_velocity = param.copy(), velocity.copy()
+    for step in range(4):
+        grad = rng.normal(size=5)
+        want_velocity = 0.9 * want_velocity + grad
+        want_param = want_param - 0.1 * want_velocity
+        before = param.copy()
+        returned, error = _call(momentum_update, param, velocity, grad.copy(), 0.1, 0.9)
+        if error:
+            problems.append(f"step {step}: your function {error}")
+        elif np.array_equal(param, before) and returned is not None:
+            problems.append(f"step {step}: param is unchanged and your function returned a value: update "
+                            f"param and velocity in place (`param -= ...`), the server keeps using its arrays")
+        elif not np.allclose(velocity, want_velocity, rtol=1e-12):
+            i = int(np.argmax(np.abs(velocity - want_velocity)))
+            problems.append(f"step {step}: velocity[{i}] is {velocity[i]:.6g}, expected {want_velocity[i]:.6g} "
+                            f"(= 0.9 * previous velocity + grad)")
+        elif not np.allclose(param, want_param, rtol=1e-12):
+            i = int(np.argmax(np.abs(param - want_param)))
+            problems.append(f"step {step}: param[{i}] is {param[i]:.6g}, expected {want_param[i]:.6g} "
+                            f"(= previous param - lr * new velocity)")
+        if problems:
+            break
+    if _anyone(comm, problems):
+        return problems
+    run_args = dict(steps=5, lr=0.05, mode="bsp", optimizer="momentum", n_servers=1)
+    result, problem = _run_with(comm, "momentum_update", momentum_update, **run_args)
+    problem = problem or _compare_with_reference(comm, result, **run_args)
+    return [problem] if problem else []
+
+
+def check_momentum(momentum_update, view=None, n=4, timeout=60):
+    """momentum_update(param, velocity, grad, lr, momentum) must apply heavy-ball momentum in place."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_momentum_on_rank, momentum_update, view=view, n=n, timeout=timeout)
+    _report("check_momentum", reports)
+
+
+def _shard_problem(shard, n, servers):
+    """What is wrong with shard(np.arange(n), servers), or None."""
+    flat = np.arange(float(n))
+    got, error = _call(shard, flat, servers)
+    call = f"shard(np.arange({n}), {servers})"
+    if error:
+        return f"{call}: your function {error}"
+    if not isinstance(got, (list, tuple)) or len(got) != servers:
+        return f"{call} returned {type(got).__name__} of length {len(got) if hasattr(got, '__len__') else '?'}, " \
+               f"expected a list of {servers} arrays, one per server"
+    sizes = [np.size(piece) for piece in got]
+    values = np.concatenate([np.ravel(piece) for piece in got]) if got else np.zeros(0)
+    counts = np.bincount(values.astype(int), minlength=n) if values.size else np.zeros(n, int)
+    if values.size > n or (counts > 1).any():
+        twice = int(np.flatnonzero(counts > 1)[0]) if (counts > 1).any() else None
+        return (f"{call} gave slices of sizes {sizes}, {values.size} elements in all for {n}: the slices overlap"
+                + (f" (element {twice} is on more than one server)" if twice is not None else ""))
+    if values.size < n:
+        lost = int(np.flatnonzero(counts == 0)[0])
+        return f"{call} gave slices of sizes {sizes}: element {lost} is on no server"
+    if not np.array_equal(values, flat):
+        return f"{call} covers every element once but out of order: the slices must be contiguous, in server order"
+    if max(sizes) - min(sizes) > 1:
+        return f"{call} gave slices of sizes {sizes}: the sizes must differ by at most one, so no server does more"
+    return None
+
+
+def _shard_on_rank(comm, shard):
+    problems = []
+    if comm.rank == 0:
+        for n in (10, 7, 3, 0, 13):
+            for servers in (1, 2, 3, 4):
+                problem = _shard_problem(shard, n, servers)
+                if problem:
+                    problems.append(problem)
+                    break
+            if problems:
+                break
+    if _anyone(comm, problems):
+        return problems
+    run_args = dict(steps=4, lr=0.05, mode="bsp", n_servers=2 if comm.size >= 3 else 1)
+    result, problem = _run_with(comm, "shard", shard, **run_args)
+    problem = problem or _compare_with_reference(comm, result, **run_args)
+    return [problem] if problem else []
+
+
+def check_shard(shard, view=None, n=4, timeout=60):
+    """shard(flat, n_servers) must cut flat into n_servers contiguous, balanced, non-overlapping slices."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_shard_on_rank, shard, view=view, n=n, timeout=timeout)
+    _report("check_shard", reports)

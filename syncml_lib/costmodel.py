@@ -7,6 +7,7 @@ predict() adds up the steps on the critical path:
     t = predict("ring", nbytes=8 << 20, p=4, alpha=5e-6, beta=1e-9, gamma=3e-10)
     fastest = choose(nbytes=8 << 20, p=4)            # what allreduce(..., algorithm="auto") runs
     alpha, beta = fit_alpha_beta(comm)               # a ping-pong between ranks 0 and 1
+    t_ps = predict_ps(nbytes=8 << 20, workers=3, servers=1, alpha=5e-6, beta=1e-9)  # parameter server
 """
 import math
 import time
@@ -14,7 +15,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["predict", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
+__all__ = ["predict", "predict_ps", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
 
 # Measured on the course machine (2 cores, 4 ranks, MPICH 5 from its PyPI wheel, shared memory) with
 #     mpiexec -n 4 python -m syncml_lib.bench allreduce --fit
@@ -68,6 +69,45 @@ def predict(algorithm, nbytes, p, alpha, beta, gamma=0.0):
         return 2 * _log2_floor(p) * a + 2 * (q - 1) / q * n * b + (q - 1) / q * n * g + _fold(n, a, b, g, p)
     raise ValueError(f"predict: unknown algorithm {algorithm!r}; "
                      f"valid algorithms are naive, tree, recursive_doubling, ring, rabenseifner")
+
+
+def predict_ps(nbytes, workers, servers, alpha, beta, gamma=0.0):
+    """Predicted seconds of one BSP parameter-server step (pull + push), as parameter_server.py runs it.
+
+    With n bytes of parameters, W workers and S servers, each server, one request at a time,
+    receives W gradient slices and sends W parameter slices of n/S bytes plus 4 control messages
+    per worker (a request and a reply for the pull and for the push), and makes 2W + 3 passes over
+    its slice: the mean of the W gradients (W + 1), the update (lr * mean, then -=: 2) and a copy
+    of the parameters for each pull (W). Each worker does S pulls and S pushes one after another,
+    moves 2n bytes and puts the slices together (1 pass over n). A step takes the busier one's time:
+
+        server  4 W alpha + 2 W n/S beta + (2W + 3) n/S gamma
+        worker  4 S alpha + 2 n beta + n gamma
+        t = max(server, worker)       (the server, whenever S <= W)
+
+    gamma is the cost of one pass over fresh memory by the server (see bench.py: it needs more
+    than measure_gamma's in-place add). ASP moves the same bytes through the same server, so its
+    steady-state step is bounded by the same t.
+    """
+    n, w, s, a, b, g = nbytes, workers, servers, alpha, beta, gamma
+    if w < 1 or s < 1:
+        raise ValueError(f"predict_ps needs at least one worker and one server, got workers={w}, servers={s}")
+    server = 4 * w * a + 2 * w * n / s * b + (2 * w + 3) * n / s * g
+    worker = 4 * s * a + 2 * n * b + n * g
+    return max(server, worker)
+
+
+def ps_over_ring(nbytes, workers, servers, alpha, beta, gamma=0.0):
+    """predict_ps / predict("ring", p=workers): how many times slower the parameter server is.
+
+    The fair comparison is a ring allreduce among the W workers only (the same gradients, the
+    same workers; the S server ranks are not needed). For n >> alpha / beta and gamma = 0 it
+    tends to (2 W / S) / (2 (W-1) / W) = W^2 / (S (W-1)): 4.5 for W=3, S=1; 2 for W=2, S=2. With one worker there is nothing to reduce
+    (the ring takes 0 s): the ratio is then inf.
+    """
+    ring = predict("ring", nbytes, workers, alpha, beta, gamma)
+    ps = predict_ps(nbytes, workers, servers, alpha, beta, gamma)
+    return ps / ring if ring > 0 else math.inf
 
 
 ALGORITHMS = ("naive", "tree", "recursive_doubling", "ring", "rabenseifner")

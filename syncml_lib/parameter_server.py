@@ -7,7 +7,7 @@
                            #  'start': 0.0003, 'pulled': 0.0009, 'end': 0.0012}
 
 Ranks 0 .. S-1 are servers and the other W ranks are workers. Every parameter is flattened and cut
-into S contiguous slices (np.array_split); server s holds slice s of every parameter, so one big
+into S contiguous slices (shard); server s holds slice s of every parameter, so one big
 tensor is served by all servers at once. Worker w loops over the steps t: pull its slices from
 every server and put them back together, grads = grad_fn(params, w, t), push slice s of every
 gradient to server s.
@@ -49,10 +49,34 @@ from . import rpc
 from .allreduce import check_same_on_all_ranks
 
 __all__ = ["ParameterStore", "run_parameter_server", "ParameterServerResult", "check_gradients",
-           "MODES", "OPTIMIZERS"]
+           "may_read", "momentum_update", "shard", "MODES", "OPTIMIZERS"]
 
 MODES = ("bsp", "ssp", "asp")
 OPTIMIZERS = ("sgd", "momentum")
+
+
+# ----------------------------------------------------------------------------- the three rules of the chapter
+# Each is a small function the rest of the module calls by name, so the chapter's exercises can put
+# a learner's version in its place (checks.py does) and run the whole parameter server with it.
+
+def may_read(step, clock, staleness):
+    """SSP's admission rule: may a worker about to compute step `step` read parameters whose clock is
+    `clock` (every update of every step below `clock` applied)? Only if it misses no update from a step
+    before step - staleness: clock >= step - staleness. BSP is staleness 0; ASP, infinite."""
+    return clock >= step - staleness
+
+
+def momentum_update(param, velocity, grad, lr, momentum):
+    """Heavy-ball momentum, in place: velocity = momentum * velocity + grad; param -= lr * velocity."""
+    velocity *= momentum
+    velocity += grad
+    param -= lr * velocity
+
+
+def shard(flat, n_servers):
+    """Cut a flat array into n_servers contiguous slices whose sizes differ by at most one (views):
+    server s holds slice s. Together they cover every element exactly once, in order."""
+    return np.array_split(flat, n_servers)
 
 
 # ----------------------------------------------------------------------------- checking the input
@@ -132,13 +156,10 @@ class ParameterStore:
         """
         check_gradients(grads, self.specs)
         for name, grad in grads.items():
-            step = np.asarray(grad)
             if self.optimizer == "momentum":
-                velocity = self._velocity[name]
-                velocity *= self.momentum
-                velocity += step
-                step = velocity
-            self._params[name] -= self.lr * step
+                momentum_update(self._params[name], self._velocity[name], np.asarray(grad), self.lr, self.momentum)
+            else:
+                self._params[name] -= self.lr * np.asarray(grad)
         self.version += 1
         return self.version
 
@@ -232,7 +253,7 @@ class _Server:
     def pull(self, source, header, arrays):
         if self.failure is not None:
             return {"failure": self.failure}, []
-        if self.clock < header["step"] - self.lag:
+        if not may_read(header["step"], self.clock, self.lag):
             self.waiting.append((source, header["step"]))
             return rpc.DEFER
         return self._parameters()
@@ -277,7 +298,7 @@ class _Server:
         self.checkpoint(self.clock)
         still_waiting = []
         for source, step in self.waiting:
-            if self.clock >= step - self.lag:
+            if may_read(step, self.clock, self.lag):
                 rpc.reply(self.comm, source, *self._parameters())
             else:
                 still_waiting.append((source, step))
@@ -326,7 +347,7 @@ def _work(comm, worker, servers, specs, grad_fn, start, steps, t0):
             missing = [name for name in specs if name not in grads]
             if missing:
                 raise ValueError(f"grad_fn returned no gradient for {', '.join(map(repr, missing))}")
-            slices = {name: np.array_split(np.asarray(grads[name]).reshape(-1), len(servers)) for name in specs}
+            slices = {name: shard(np.asarray(grads[name]).reshape(-1), len(servers)) for name in specs}
             for s, server in enumerate(servers):
                 _ask(comm, server, "push", {"step": step}, [slices[name][s] for name in specs])
 
@@ -428,7 +449,7 @@ def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", s
 
     problem = None
     if me.is_server:
-        store = ParameterStore({name: np.array_split(value.reshape(-1), n_servers)[me.index]
+        store = ParameterStore({name: shard(value.reshape(-1), n_servers)[me.index]
                                 for name, value in init_params.items()}, lr, optimizer, momentum)
         try:
             if start:

@@ -78,3 +78,44 @@ def plot_timeline(records, size, title=None, ax=None):
     if title:
         ax.set_title(title, fontsize=10)
     return ax
+
+
+def plot_parameter_server(n_servers, n_workers, ax=None):
+    """The parameter-server architecture: servers (each with a slice of every parameter) above, workers below."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    width = max(n_servers, n_workers)
+    server_x = np.linspace(0, width - 1, n_servers + 2)[1:-1] if n_servers > 1 else [(width - 1) / 2]
+    worker_x = np.linspace(0, width - 1, n_workers)
+    for s, x in enumerate(server_x):
+        ax.add_patch(plt.Rectangle((x - 0.4, 1.6), 0.8, 0.5, facecolor="tab:orange", alpha=0.8))
+        ax.text(x, 1.85, f"server {s}\nslice {s} of w", ha="center", va="center", fontsize=8)
+    for w, x in enumerate(worker_x):
+        ax.add_patch(plt.Rectangle((x - 0.4, 0), 0.8, 0.5, facecolor="tab:blue", alpha=0.8))
+        ax.text(x, 0.25, f"worker {w}\ndata part {w}", ha="center", va="center", fontsize=8, color="white")
+        for sx in server_x:
+            ax.annotate("", xy=(x - 0.08, 0.5), xytext=(sx - 0.08, 1.6), arrowprops=dict(arrowstyle="->", color="tab:green"))
+            ax.annotate("", xy=(sx + 0.08, 1.6), xytext=(x + 0.08, 0.5), arrowprops=dict(arrowstyle="->", color="tab:red"))
+    ax.text(width - 0.4, 1.05, "pull w (green)\npush gradient (red)", fontsize=8, ha="left", va="center")
+    ax.set_xlim(-0.6, width + 1.2)
+    ax.set_ylim(-0.2, 2.3)
+    ax.axis("off")
+    return ax
+
+
+def plot_worker_steps(history, title=None, ax=None):
+    """Each worker's steps on a time line: waiting for its pull (light) and computing + pushing (dark)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 2))
+    workers = sorted({row["worker"] for row in history})
+    for row in history:
+        y = row["worker"]
+        ax.barh(y, 1e3 * (row["pulled"] - row["start"]), left=1e3 * row["start"], color="lightgray", height=0.6)
+        ax.barh(y, 1e3 * (row["end"] - row["pulled"]), left=1e3 * row["pulled"], height=0.6,
+                color=plt.get_cmap("tab10")(row["worker"] % 10), edgecolor="white", lw=0.3)
+    ax.set_yticks(workers, [f"worker {w}" for w in workers])
+    ax.set_ylim(len(workers) - 0.5, -0.5)
+    ax.set_xlabel("milliseconds (gray: waiting for the pull; colour: one step)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

@@ -223,3 +223,74 @@ def test_recursive_doubling_check_says_when_only_the_destination_is_wrong():
         checks.check_recursive_doubling(recursive_doubling_with_wrong_partner, n=4)
     assert "rank 0: length 12:" in str(info.value)
     assert "step 0: sent the right data (the sum over ranks [0]) to rank 0, but it should go to rank 1" in str(info.value)
+
+
+# ---------------------------------------------------------------- chapter 02
+
+CH02 = [("may_read", checks.check_ssp_rule), ("momentum_update", checks.check_momentum), ("shard", checks.check_shard)]
+
+
+@pytest.mark.parametrize("name, check", CH02, ids=[name for name, _ in CH02])
+def test_parameter_server_checks_pass_the_solutions(name, check):
+    solution = exercise_functions("solution:02_parameter_server.ipynb")[name]
+    for n in (2, 4):
+        check(solution, n=n)
+
+
+@pytest.mark.parametrize("name, check", CH02, ids=[name for name, _ in CH02])
+def test_parameter_server_checks_fail_the_stubs(name, check):
+    stub = exercise_functions("exercise:02_parameter_server.ipynb")[name]
+    with pytest.raises(checks.CheckFailed, match="NotImplementedError: the exercise is not written yet"):
+        check(stub, n=3)
+
+
+def too_strict(step, clock, staleness):
+    return clock > step - staleness
+
+
+def too_loose(step, clock, staleness):
+    return clock >= step - staleness - 1
+
+
+def test_ssp_check_explains_a_rule_that_blocks_too_much_or_too_little():
+    with pytest.raises(checks.CheckFailed, match=r"may_read\(step=0, clock=0, staleness=0\) returned False, expected True"):
+        checks.check_ssp_rule(too_strict, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"may_read\(step=1, clock=0, staleness=0\) returned True, expected False: "
+                                                 r"the worker would miss the updates of 1 step"):
+        checks.check_ssp_rule(too_loose, n=3)
+
+
+def momentum_that_returns(param, velocity, grad, lr, momentum):
+    return param - lr * (momentum * velocity + grad)
+
+
+def momentum_in_the_wrong_order(param, velocity, grad, lr, momentum):
+    param -= lr * velocity  # uses the old velocity
+    velocity *= momentum
+    velocity += grad
+
+
+def test_momentum_check_names_the_step_and_the_value():
+    with pytest.raises(checks.CheckFailed, match="update param and velocity in place"):
+        checks.check_momentum(momentum_that_returns, n=2)
+    with pytest.raises(checks.CheckFailed, match=r"rank 0: step 0: param\[\d\] is .*, expected .* \(= previous param - lr"):
+        checks.check_momentum(momentum_in_the_wrong_order, n=2)
+
+
+def overlapping_shards(flat, n_servers):
+    size = -(-len(flat) // n_servers)
+    return [flat[s * size:(s + 1) * size + 1] for s in range(n_servers)]
+
+
+def unbalanced_shards(flat, n_servers):
+    size = -(-len(flat) // n_servers)  # ceil: the last server gets what is left
+    return [flat[s * size:(s + 1) * size] for s in range(n_servers)]
+
+
+def test_shard_check_catches_overlap_and_imbalance():
+    with pytest.raises(checks.CheckFailed, match=r"shard\(np.arange\(10\), 2\) gave slices of sizes \[6, 5\], 11 elements "
+                                                 r"in all for 10: the slices overlap \(element 5"):
+        checks.check_shard(overlapping_shards, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"shard\(np.arange\(10\), 3\) gave slices of sizes \[4, 4, 2\]: "
+                                                 r"the sizes must differ by at most one"):
+        checks.check_shard(unbalanced_shards, n=3)
