@@ -450,6 +450,13 @@ def _compare_with_reference(comm, result, **run_args):
     return None
 
 
+def _bsp_run_problems(comm, module_name, learner, **run_args):
+    """A real BSP run with the learner's function in place, against the sequential reference."""
+    result, problem = _run_with(comm, module_name, learner, **run_args)
+    problem = problem or _compare_with_reference(comm, result, **run_args)
+    return [problem] if problem else []
+
+
 def _ssp_rule_on_rank(comm, may_read):
     problems = []
     if comm.rank == 0:  # the rule itself, on every case a server can meet (the clock never passes the step)
@@ -523,10 +530,8 @@ def _momentum_on_rank(comm, momentum_update):
             break
     if _anyone(comm, problems):
         return problems
-    run_args = dict(steps=5, lr=0.05, mode="bsp", optimizer="momentum", n_servers=1)
-    result, problem = _run_with(comm, "momentum_update", momentum_update, **run_args)
-    problem = problem or _compare_with_reference(comm, result, **run_args)
-    return [problem] if problem else []
+    return _bsp_run_problems(comm, "momentum_update", momentum_update, steps=5, lr=0.05, mode="bsp",
+                             optimizer="momentum", n_servers=1)
 
 
 def check_momentum(momentum_update, view=None, n=4, timeout=60):
@@ -576,10 +581,8 @@ def _shard_on_rank(comm, shard):
                 break
     if _anyone(comm, problems):
         return problems
-    run_args = dict(steps=4, lr=0.05, mode="bsp", n_servers=2 if comm.size >= 3 else 1)
-    result, problem = _run_with(comm, "shard", shard, **run_args)
-    problem = problem or _compare_with_reference(comm, result, **run_args)
-    return [problem] if problem else []
+    return _bsp_run_problems(comm, "shard", shard, steps=4, lr=0.05, mode="bsp",
+                             n_servers=2 if comm.size >= 3 else 1)
 
 
 def check_shard(shard, view=None, n=4, timeout=60):
