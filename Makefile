@@ -49,8 +49,10 @@ exercises: install
 doctor: install
 	$(BIN)/python -m syncml_lib doctor
 
+## Benchmarks against MPI's own: BENCH=allreduce (default) or BENCH=ps
+BENCH ?= allreduce
 bench: install
-	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m syncml_lib.bench allreduce
+	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m syncml_lib.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
