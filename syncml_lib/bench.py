@@ -11,7 +11,7 @@ take turns in a random order, and the table shows the median sample and, for eac
 ratio to comm.Allreduce. --fit also fits the cost model's alpha and beta to the measured times
 (how costmodel.DEFAULT_PARAMS was set).
 
-    mpiexec -n 4 python -m syncml_lib.bench ps                       # 8 MB model, 10 steps, ~10 s
+    mpiexec -n 4 python -m syncml_lib.bench ps                       # 8 MB model, 30 steps, ~20 s
     mpiexec -n 4 python -m syncml_lib.bench ps --size 10000 --steps 3
 
 ps: the parameter server (parameter_server.py) with 1 and with 2 servers (the other ranks are
@@ -21,6 +21,7 @@ so the step time is all communication and bookkeeping. The table compares the me
 PS / ring ratio with costmodel.ps_over_ring under costmodel.DEFAULT_PARAMS.
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -245,14 +246,18 @@ def predict_ps_row(row):
     """(predicted PS/ring with DEFAULT_PARAMS, predicted PS/ring calibrated in this run, the latter's
     parameters). Calibrated: alpha of each side from its tiny-model time (divided by its number of
     messages in sequence: 4 max(W, S) for the PS, 2 (W-1) for the ring), the server's gamma from
-    measure_server_pass; beta, and the ring's gamma, stay DEFAULT_PARAMS'."""
+    measure_server_pass; beta, and the ring's gamma, are DEFAULT_PARAMS' moved to the ranks that are
+    busy on this machine's cores (costmodel.on_cores): all W + S ranks in the parameter server, whose
+    waiting ranks spin, and the W workers alone in the ring, while the servers sleep."""
     w, s, n = row["workers"], row["servers"], row["nbytes"]
     d = costmodel.DEFAULT_PARAMS
     default = costmodel.ps_over_ring(n, w, s, **d)
+    cores = len(os.sched_getaffinity(0))
+    ps_params, ring_params = costmodel.on_cores(d, w + s, cores), costmodel.on_cores(d, w, cores)
     ps_alpha = row["tiny_step"] / (4 * max(w, s))
     ring_alpha = row["tiny_ring"] / (2 * (w - 1))
-    ps = costmodel.predict_ps(n, w, s, ps_alpha, d["beta"], row["server_pass"])
-    ring = costmodel.predict("ring", n, w, ring_alpha, d["beta"], d["gamma"])
+    ps = costmodel.predict_ps(n, w, s, ps_alpha, ps_params["beta"], row["server_pass"])
+    ring = costmodel.predict("ring", n, w, ring_alpha, ring_params["beta"], ring_params["gamma"])
     return default, ps / ring, dict(ps_alpha=ps_alpha, ring_alpha=ring_alpha, server_gamma=row["server_pass"],
                                     ps=ps, ring=ring)
 
@@ -284,7 +289,8 @@ def print_ps_table(rows, p, steps):
     d = costmodel.DEFAULT_PARAMS
     print(f"\npredicted PS/ring = costmodel.predict_ps(n, W, S) / predict('ring', n, p=W). DEFAULT_PARAMS: "
           f"alpha={d['alpha']:.2g}, beta={d['beta']:.2g}, gamma={d['gamma']:.2g} for both. Calibrated in this "
-          f"run: beta from DEFAULT_PARAMS; alpha of each from its step time with a {TINY} B model; the "
+          f"run: beta from DEFAULT_PARAMS, moved to the ranks busy on this machine's cores (costmodel.on_cores: "
+          f"all W + S in the PS, the W workers in the ring); alpha of each from its step time with a {TINY} B model; the "
           f"server's gamma from a pass over fresh memory while the other ranks busy-wait. Target: within 1.5x")
     for note in notes:
         print(note)
@@ -318,8 +324,8 @@ def main(argv=None):
 
     ps_parser = commands.add_parser("ps", help="the parameter server against an allreduce among its workers")
     ps_parser.add_argument("--size", default="8M", help="model size in bytes, float64 (default: 8M, 1M floats)")
-    ps_parser.add_argument("--steps", type=int, default=10,
-                           help="steps per configuration; the first is a warm-up (default: 10)")
+    ps_parser.add_argument("--steps", type=int, default=30,
+                           help="steps per configuration; the first is a warm-up (default: 30)")
     ps_parser.add_argument("--repeat", type=int, default=50,
                            help="allreduce repeats, fewer for large sizes (default: 50)")
     ps_parser.set_defaults(main=main_ps)

@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["predict", "predict_ps", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
+__all__ = ["on_cores", "predict", "predict_ps", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
 
 # Measured on the course machine (2 cores, 4 ranks, MPICH 5 from its PyPI wheel, shared memory) with
 #     mpiexec -n 4 python -m syncml_lib.bench allreduce --fit
@@ -95,6 +95,19 @@ def predict_ps(nbytes, workers, servers, alpha, beta, gamma=0.0):
     server = 4 * w * a + 2 * w * n / s * b + (2 * w + 3) * n / s * g
     worker = 4 * s * a + 2 * n * b + n * g
     return max(server, worker)
+
+
+FITTED_ON = dict(ranks=4, cores=2)  # where DEFAULT_PARAMS were measured (see above)
+
+
+def on_cores(params, ranks, cores, fitted_on=FITTED_ON):
+    """params (fitted with fitted_on["ranks"] busy ranks on fitted_on["cores"] cores) for `ranks` busy
+    ranks on `cores` cores. Moving and adding bytes is CPU work, and in a lockstep algorithm the most
+    loaded core sets the pace: ceil(ranks / cores) ranks share it. So beta and gamma scale with that
+    share; alpha, a per-step cost measured per configuration where it matters, is kept."""
+    share = lambda r, c: math.ceil(r / c)  # noqa: E731
+    factor = share(ranks, cores) / share(fitted_on["ranks"], fitted_on["cores"])
+    return dict(params, beta=params["beta"] * factor, gamma=params.get("gamma", 0.0) * factor)
 
 
 def ps_over_ring(nbytes, workers, servers, alpha, beta, gamma=0.0):
