@@ -272,10 +272,15 @@ class _Server:
             raise ValueError(f"worker {worker} pushed {len(arrays)} gradients, expected {len(self.names)}")
         grads = dict(zip(self.names, arrays))
         check_gradients(grads, self.store.specs)
+        expected = self.clock if self.mode == "bsp" else self.pushed[worker]
+        if step != expected:
+            raise ValueError(f"worker {worker} pushed step {step}, expected step {expected}")
         self.bytes_received += sum(a.nbytes for a in arrays)
+        # All checked: acknowledge before applying, so the worker goes on to its next server while
+        # this one computes and the servers' updates overlap instead of queueing behind each other.
+        # (Its next pull here is answered only after the update, by the clock rule.)
+        rpc.reply(self.comm, source)
         if self.mode == "bsp":
-            if step != self.clock:
-                raise ValueError(f"worker {worker} pushed step {step} while step {self.clock} is open")
             self.pending[worker] = grads
             if len(self.pending) == self.n_workers:
                 mean = {name: sum(self.pending[w][name] for w in range(self.n_workers)) / self.n_workers
@@ -284,13 +289,11 @@ class _Server:
                 self.pending = {}
                 self._tick()
         else:
-            if step != self.pushed[worker]:
-                raise ValueError(f"worker {worker} pushed step {step}, expected step {self.pushed[worker]}")
             self.store.push({name: grad / self.n_workers for name, grad in grads.items()})
             self.pushed[worker] += 1
             if min(self.pushed) > self.clock:
                 self._tick()
-        return {}, []
+        return rpc.DEFER
 
     def _tick(self):
         """One more step is complete: checkpoint if due, and answer the pulls that may go now."""
