@@ -280,21 +280,27 @@ def _still_views(chunks, buffer):
     return all(c.size == 0 or np.shares_memory(c, buffer) for c in chunks)
 
 
+def _call_on_chunks(comm, ring_phase, buffer, prepare=None):
+    """Run a learner's ring phase on chunks that are views of `buffer` (after prepare(chunks), if
+    given), through a recording comm. Returns (recording, the chunks of buffer afterwards, problem):
+    problem says why the call itself is wrong (it raised, used a blocking Send, or rebound chunks)."""
+    chunks = np.array_split(buffer, comm.size)
+    if prepare:
+        prepare(chunks)
+    recording = _recording(comm)
+    _, error = _call(ring_phase, recording, chunks)
+    problem = (f"your function {error}" if error else BLOCKING_SEND if recording.blocking_sends
+               else None if _still_views(chunks, buffer) else NOT_IN_PLACE)
+    return recording, np.array_split(buffer, comm.size), problem
+
+
 def _reduce_scatter_trial(comm, reduce_scatter, xs):
     p, r = comm.size, comm.rank
     total = np.array_split(_mpi_total(comm, xs[r].copy()), p)
-    buffer = xs[r].copy()
-    chunks = np.array_split(buffer, p)  # views of buffer
-    recording = _recording(comm)
-    _, error = _call(reduce_scatter, recording, chunks)
+    recording, chunks, problem = _call_on_chunks(comm, reduce_scatter, xs[r].copy())
     mine = (r + 1) % p
-    if error:
-        return f"your function {error}"
-    if recording.blocking_sends:
-        return BLOCKING_SEND
-    if not _still_views(chunks, buffer):
-        return NOT_IN_PLACE
-    chunks = np.array_split(buffer, p)
+    if problem:
+        return problem
     if np.array_equal(chunks[mine], total[mine]):
         return None
     expected_messages = []
@@ -317,18 +323,14 @@ def check_ring_reduce_scatter(reduce_scatter, view=None, n=4, timeout=30):
 def _allgather_trial(comm, allgather, xs):
     p, r = comm.size, comm.rank
     total = np.array_split(_mpi_total(comm, xs[r].copy()), p)
-    buffer = np.full(xs.shape[1], np.nan)
-    chunks = np.array_split(buffer, p)           # what the reduce-scatter left:
-    chunks[(r + 1) % p][:] = total[(r + 1) % p]  # only chunk (r + 1) % p is complete
-    recording = _recording(comm)
-    _, error = _call(allgather, recording, chunks)
-    if error:
-        return f"your function {error}"
-    if recording.blocking_sends:
-        return BLOCKING_SEND
-    if not _still_views(chunks, buffer):
-        return NOT_IN_PLACE
-    chunks = np.array_split(buffer, p)
+
+    def as_the_reduce_scatter_left_it(chunks):  # only chunk (r + 1) % p is complete, the rest garbage
+        chunks[(r + 1) % p][:] = total[(r + 1) % p]
+
+    recording, chunks, problem = _call_on_chunks(comm, allgather, np.full(xs.shape[1], np.nan),
+                                                 as_the_reduce_scatter_left_it)
+    if problem:
+        return problem
     wrong = [c for c in range(p) if not np.array_equal(chunks[c], total[c])]
     if not wrong:
         return None
