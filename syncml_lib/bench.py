@@ -11,21 +11,32 @@ take turns in a random order, and the table shows the median sample and, for eac
 ratio to comm.Allreduce. --fit also fits the cost model's alpha and beta to the measured times
 (how costmodel.DEFAULT_PARAMS was set).
 
-    mpiexec -n 4 python -m syncml_lib.bench ps                       # 8 MB model, 30 steps, ~20 s
-    mpiexec -n 4 python -m syncml_lib.bench ps --size 10000 --steps 3
+    mpiexec -n 4 python -m syncml_lib.bench ps                       # 8 MB model, 30 steps, ~15 s
+    mpiexec -n 4 python -m syncml_lib.bench ps --size 10000 --steps 3 --rounds 1
 
 ps: the parameter server (parameter_server.py) with 1 and with 2 servers (the other ranks are
 workers), BSP and ASP, against an allreduce of the same gradient among the workers only (ring_allreduce
 and comm.Allreduce on a communicator of the W workers). grad_fn returns a fixed precomputed array,
-so the step time is all communication and bookkeeping. The table compares the measured
-PS / ring ratio with costmodel.ps_over_ring under costmodel.DEFAULT_PARAMS.
+so the step time is all communication and bookkeeping. The table compares the measured PS / ring
+ratio with costmodel.predict_ps / predict("ring"), under costmodel.DEFAULT_PARAMS and under
+constants calibrated in the same run (see predict_ps_row).
 """
 import argparse
 import os
+import sys
 import time
 
-import numpy as np
-from mpi4py import MPI
+# In `ps`, a parameter server's ranks wait for requests and replies asleep (rpc.py), but inside an MPI
+# call (a big array under way, an allreduce among the workers) MPICH waits by spinning. With more ranks
+# than cores that takes the cores from the ranks that have work, unless MPICH's progress throttle makes
+# an idle rank yield; the course's engines and mpirun turn it on for the same reason.
+# MPICH reads it when MPI starts, that is when mpi4py.MPI is imported: so here, before that import.
+# (`allreduce` runs without it: every rank there is busy, and its tables were measured so.)
+if sys.argv[1:2] == ["ps"]:
+    os.environ.setdefault("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "1")
+
+import numpy as np  # noqa: E402
+from mpi4py import MPI  # noqa: E402
 
 from . import costmodel
 from .allreduce import ALGORITHMS, allreduce, ring_allreduce
@@ -210,9 +221,9 @@ def time_allreduce_among_workers(comm, n_servers, nbytes, repeat):
 
 def measure_server_pass(comm, nbytes, repeat=10):
     """Seconds per byte of one numpy pass over nbytes of fresh memory (c = a + b, c *= 0.5,
-    a.copy(): what a server does to its slice) on rank 0 while the other ranks busy-wait in MPI,
-    as the workers of a parameter server do. Mean, not median: the server's work is long enough
-    to be preempted, and that is the point. The same on every rank."""
+    a.copy(): what a server does to its slice) on rank 0 while the other ranks sleep, as the
+    waiting ranks of a parameter server do (rpc.py). Mean, not median: the server's work is long
+    enough to be preempted, and that is the point. The same on every rank."""
     cost = None
     if comm.rank == 0:
         a, b = np.random.random(nbytes // 8), np.random.random(nbytes // 8)
@@ -222,47 +233,58 @@ def measure_server_pass(comm, nbytes, repeat=10):
             c *= 0.5
             a.copy()
         cost = (time.perf_counter() - start) / (3 * repeat) / a.nbytes
-    comm.Barrier()  # the others spin here
+    wait_sleeping(comm)
     return comm.bcast(cost, root=0)
 
 
-def bench_ps(comm, nbytes, steps, repeat):
+def bench_ps(comm, nbytes, steps, repeat, rounds):
     """One row per (servers, mode) in PS_CONFIGS: the parameter server's step time and bytes through
     each server per step; the allreduce times among the same workers; and, to calibrate the cost
-    model in this run, the same at a tiny size (per-message cost) and the server's cost per pass."""
+    model in this run, the same at a tiny size (per-message cost) and the server's cost per pass.
+    The parameter-server runs take turns, `rounds` of each, and each keeps its median: how the ranks
+    happen to share the cores differs from run to run, by up to 1.5x on a 2-core machine."""
+    runs = {config: [] for config in PS_CONFIGS}
+    for _ in range(rounds):
+        for n_servers, mode in PS_CONFIGS:
+            step, server_bytes = time_ps(comm, nbytes, n_servers, mode, steps)
+            tiny_step, _ = time_ps(comm, TINY, n_servers, mode, steps)
+            runs[n_servers, mode].append((step, tiny_step, server_bytes))
     rows = []
-    for n_servers, mode in PS_CONFIGS:
+    for (n_servers, mode), measured in runs.items():
         ring = time_allreduce_among_workers(comm, n_servers, nbytes, repeat)
         tiny_ring = time_allreduce_among_workers(comm, n_servers, TINY, repeat)["ring"]
-        step, server_bytes = time_ps(comm, nbytes, n_servers, mode, steps)
-        tiny_step, _ = time_ps(comm, TINY, n_servers, mode, steps)
-        rows.append(dict(servers=n_servers, workers=comm.size - n_servers, mode=mode, nbytes=nbytes, step=step,
-                         server_bytes=server_bytes, tiny_step=tiny_step, tiny_ring=tiny_ring,
-                         server_pass=measure_server_pass(comm, nbytes // n_servers), **ring))
+        rows.append(dict(servers=n_servers, workers=comm.size - n_servers, mode=mode, nbytes=nbytes,
+                         step=float(np.median([m[0] for m in measured])),
+                         tiny_step=float(np.median([m[1] for m in measured])), server_bytes=measured[0][2],
+                         tiny_ring=tiny_ring, server_pass=measure_server_pass(comm, nbytes // n_servers), **ring))
     return rows
 
 
 def predict_ps_row(row):
     """(predicted PS/ring with DEFAULT_PARAMS, predicted PS/ring calibrated in this run, the latter's
     parameters). Calibrated: alpha of each side from its tiny-model time (divided by its number of
-    messages in sequence: 4 max(W, S) for the PS, 2 (W-1) for the ring), the server's gamma from
-    measure_server_pass; beta, and the ring's gamma, are DEFAULT_PARAMS' moved to the ranks that are
-    busy on this machine's cores (costmodel.on_cores): all W + S ranks in the parameter server, whose
-    waiting ranks spin, and the W workers alone in the ring, while the servers sleep."""
+    messages in sequence: 4 max(W, S) for the PS, 2 (W-1) for the ring); beta from DEFAULT_PARAMS and
+    gamma from measure_server_pass (the PS) or DEFAULT_PARAMS (the ring), moved to the ranks that are
+    busy at once on this machine's cores (costmodel.on_cores). In the ring that is the W workers (the
+    servers sleep); in the parameter server it is each server and the worker it is serving,
+    2 min(W, S), because ranks waiting for a request or a reply sleep (rpc.py)."""
     w, s, n = row["workers"], row["servers"], row["nbytes"]
     d = costmodel.DEFAULT_PARAMS
-    default = costmodel.ps_over_ring(n, w, s, **d)
+    default = costmodel.ps_over_ring(n, w, s, **d, mode=row["mode"])
     cores = len(os.sched_getaffinity(0))
-    ps_params, ring_params = costmodel.on_cores(d, w + s, cores), costmodel.on_cores(d, w, cores)
+    busy = 2 * min(w, s)
+    ps_params, ring_params = costmodel.on_cores(d, busy, cores), costmodel.on_cores(d, w, cores)
+    server_gamma = costmodel.on_cores(dict(beta=0, gamma=row["server_pass"]), busy, cores,
+                                      fitted_on=dict(ranks=1, cores=cores))["gamma"]  # measured alone
     ps_alpha = row["tiny_step"] / (4 * max(w, s))
     ring_alpha = row["tiny_ring"] / (2 * (w - 1))
-    ps = costmodel.predict_ps(n, w, s, ps_alpha, ps_params["beta"], row["server_pass"])
+    ps = costmodel.predict_ps(n, w, s, ps_alpha, ps_params["beta"], server_gamma, row["mode"])
     ring = costmodel.predict("ring", n, w, ring_alpha, ring_params["beta"], ring_params["gamma"])
     return default, ps / ring, dict(ps_alpha=ps_alpha, ring_alpha=ring_alpha, server_gamma=row["server_pass"],
                                     ps=ps, ring=ring)
 
 
-def print_ps_table(rows, p, steps):
+def print_ps_table(rows, p, steps, rounds):
     header = ["config", "workers", "servers", "PS step time", "ring allreduce (same W)", "MPI Allreduce",
               "measured PS/ring", "predicted (DEFAULT_PARAMS)", "predicted (calibrated)", "measured/predicted",
               "bytes per server per step"]
@@ -283,15 +305,17 @@ def print_ps_table(rows, p, steps):
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
     print(f"parameter server vs ring allreduce among the workers only: {format_size(rows[0]['nbytes'])} "
           f"of float64, {p} ranks, {steps} steps (the first is a warm-up); PS step: median time between "
-          f"step ends; allreduce: median of the slowest worker's time")
+          f"step ends, median over {rounds} runs; allreduce: median of the slowest worker's time; MPIR_CVAR_CH4_PROGRESS_THROTTLE="
+          f"{os.environ.get('MPIR_CVAR_CH4_PROGRESS_THROTTLE', 'unset')}")
     for cells in [header, ["-" * w for w in widths], *lines]:
         print(" | ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
     d = costmodel.DEFAULT_PARAMS
     print(f"\npredicted PS/ring = costmodel.predict_ps(n, W, S) / predict('ring', n, p=W). DEFAULT_PARAMS: "
           f"alpha={d['alpha']:.2g}, beta={d['beta']:.2g}, gamma={d['gamma']:.2g} for both. Calibrated in this "
-          f"run: beta from DEFAULT_PARAMS, moved to the ranks busy on this machine's cores (costmodel.on_cores: "
-          f"all W + S in the PS, the W workers in the ring); alpha of each from its step time with a {TINY} B model; the "
-          f"server's gamma from a pass over fresh memory while the other ranks busy-wait. Target: within 1.5x")
+          f"run: alpha of each from its step time with a {TINY} B model; beta from DEFAULT_PARAMS and the server's "
+          f"gamma from a pass over fresh memory while the other ranks sleep, both moved to the ranks busy at once on "
+          f"this machine's cores (costmodel.on_cores: in the PS 2 min(W, S), each server and the worker it serves; "
+          f"in the ring the W workers). Target: within 1.5x")
     for note in notes:
         print(note)
 
@@ -301,9 +325,9 @@ def main_ps(args):
     if comm.size < 3:
         raise SystemExit("bench ps needs at least 3 ranks (2 servers and a worker)")
     nbytes = parse_size(args.size) // 8 * 8
-    rows = bench_ps(comm, nbytes, args.steps, repeats_for(nbytes, args.repeat))
+    rows = bench_ps(comm, nbytes, args.steps, repeats_for(nbytes, args.repeat), args.rounds)
     if comm.rank == 0:
-        print_ps_table(rows, comm.size, args.steps)
+        print_ps_table(rows, comm.size, args.steps, args.rounds)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -326,6 +350,8 @@ def main(argv=None):
     ps_parser.add_argument("--size", default="8M", help="model size in bytes, float64 (default: 8M, 1M floats)")
     ps_parser.add_argument("--steps", type=int, default=30,
                            help="steps per configuration; the first is a warm-up (default: 30)")
+    ps_parser.add_argument("--rounds", type=int, default=5,
+                           help="parameter-server runs per configuration, in turns; the median counts (default: 5)")
     ps_parser.add_argument("--repeat", type=int, default=50,
                            help="allreduce repeats, fewer for large sizes (default: 50)")
     ps_parser.set_defaults(main=main_ps)

@@ -71,29 +71,37 @@ def predict(algorithm, nbytes, p, alpha, beta, gamma=0.0):
                      f"valid algorithms are naive, tree, recursive_doubling, ring, rabenseifner")
 
 
-def predict_ps(nbytes, workers, servers, alpha, beta, gamma=0.0):
-    """Predicted seconds of one BSP parameter-server step (pull + push), as parameter_server.py runs it.
+def predict_ps(nbytes, workers, servers, alpha, beta, gamma=0.0, mode="bsp"):
+    """Predicted seconds of one parameter-server step (pull + push), as parameter_server.py runs it.
 
     With n bytes of parameters, W workers and S servers, each server, one request at a time,
     receives W gradient slices and sends W parameter slices of n/S bytes plus 4 control messages
-    per worker (a request and a reply for the pull and for the push), and makes 2W + 3 passes over
-    its slice: the mean of the W gradients (W + 1), the update (lr * mean, then -=: 2) and a copy
-    of the parameters for each pull (W). Each worker does S pulls and S pushes one after another,
-    moves 2n bytes and puts the slices together (1 pass over n). A step takes the busier one's time:
+    per worker (a request and a reply for the pull and for the push), and makes passes over its
+    slice: a copy of the parameters for each pull (W), and to apply the gradients, in BSP the mean
+    of the W gradients (W + 1) and the update (lr * mean, then -=: 2), in SSP and ASP the update of
+    each gradient alone (lr / W * grad, then -=: 2 W). Each worker does S pulls and S pushes one after
+    another, moves 2n bytes and puts the slices together (1 pass over n). A step takes the busier
+    one's time; in BSP the servers also wait, once a step, while the last worker they answered puts
+    its parameters together (n gamma), because its push completes the step:
 
-        server  4 W alpha + 2 W n/S beta + (2W + 3) n/S gamma
+        server  4 W alpha + 2 W n/S beta + P n/S gamma      P = 2W + 3 (bsp), 3W (ssp, asp)
         worker  4 S alpha + 2 n beta + n gamma
-        t = max(server, worker)       (the server, whenever S <= W)
+        t = max(server + n gamma, worker) in BSP, max(server, worker) in SSP and ASP
 
     gamma is the cost of one pass over fresh memory by the server (see bench.py: it needs more
-    than measure_gamma's in-place add). ASP moves the same bytes through the same server, so its
-    steady-state step is bounded by the same t.
+    than measure_gamma's in-place add). In ASP and SSP the step is the steady-state pace: the server
+    still serves every pull and push, so it bounds the step in the same way.
     """
     n, w, s, a, b, g = nbytes, workers, servers, alpha, beta, gamma
     if w < 1 or s < 1:
         raise ValueError(f"predict_ps needs at least one worker and one server, got workers={w}, servers={s}")
-    server = 4 * w * a + 2 * w * n / s * b + (2 * w + 3) * n / s * g
+    passes = {"bsp": 2 * w + 3, "ssp": 3 * w, "asp": 3 * w}.get(mode)
+    if passes is None:
+        raise ValueError(f"predict_ps: unknown mode {mode!r}; valid modes are bsp, ssp, asp")
+    server = 4 * w * a + 2 * w * n / s * b + passes * n / s * g
     worker = 4 * s * a + 2 * n * b + n * g
+    if mode == "bsp":
+        server += n * g
     return max(server, worker)
 
 
@@ -102,15 +110,17 @@ FITTED_ON = dict(ranks=4, cores=2)  # where DEFAULT_PARAMS were measured (see ab
 
 def on_cores(params, ranks, cores, fitted_on=FITTED_ON):
     """params (fitted with fitted_on["ranks"] busy ranks on fitted_on["cores"] cores) for `ranks` busy
-    ranks on `cores` cores. Moving and adding bytes is CPU work, and in a lockstep algorithm the most
-    loaded core sets the pace: ceil(ranks / cores) ranks share it. So beta and gamma scale with that
-    share; alpha, a per-step cost measured per configuration where it matters, is kept."""
-    share = lambda r, c: math.ceil(r / c)  # noqa: E731
+    ranks on `cores` cores. Moving and adding bytes is CPU work, and the operating system shares the
+    cores fairly among the busy ranks: each gets cores / ranks of a core, and never more than one.
+    So beta and gamma scale with max(1, ranks / cores); alpha, a per-step cost measured per
+    configuration where it matters, is kept. (3 ranks on 2 cores: 1.5, measured ring 8 MB among 3
+    workers 3.7-4.7 ms against 4.7 ms predicted; the most loaded core, ceil(3/2) = 2, said 6.3 ms.)"""
+    share = lambda r, c: max(1.0, r / c)  # noqa: E731
     factor = share(ranks, cores) / share(fitted_on["ranks"], fitted_on["cores"])
     return dict(params, beta=params["beta"] * factor, gamma=params.get("gamma", 0.0) * factor)
 
 
-def ps_over_ring(nbytes, workers, servers, alpha, beta, gamma=0.0):
+def ps_over_ring(nbytes, workers, servers, alpha, beta, gamma=0.0, mode="bsp"):
     """predict_ps / predict("ring", p=workers): how many times slower the parameter server is.
 
     The fair comparison is a ring allreduce among the W workers only (the same gradients, the
@@ -119,7 +129,7 @@ def ps_over_ring(nbytes, workers, servers, alpha, beta, gamma=0.0):
     (the ring takes 0 s): the ratio is then inf.
     """
     ring = predict("ring", nbytes, workers, alpha, beta, gamma)
-    ps = predict_ps(nbytes, workers, servers, alpha, beta, gamma)
+    ps = predict_ps(nbytes, workers, servers, alpha, beta, gamma, mode)
     return ps / ring if ring > 0 else math.inf
 
 

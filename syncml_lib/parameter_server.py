@@ -289,7 +289,7 @@ class _Server:
                 self.pending = {}
                 self._tick()
         else:
-            self.store.push({name: grad / self.n_workers for name, grad in grads.items()})
+            self.store.push(grads)  # the store's learning rate is lr / W (see run_parameter_server)
             self.pushed[worker] += 1
             if min(self.pushed) > self.clock:
                 self._tick()
@@ -452,8 +452,12 @@ def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", s
 
     problem = None
     if me.is_server:
+        # BSP applies lr * mean of W gradients; SSP and ASP apply each gradient alone, lr * grad / W,
+        # which a store with learning rate lr / W does in two passes over the slice instead of three.
+        # (With momentum its velocity is then W times BSP's; the updates are the same.)
+        store_lr = lr if mode == "bsp" else lr / len(me.workers)
         store = ParameterStore({name: shard(value.reshape(-1), n_servers)[me.index]
-                                for name, value in init_params.items()}, lr, optimizer, momentum)
+                                for name, value in init_params.items()}, store_lr, optimizer, momentum)
         try:
             if start:
                 _load_checkpoint(checkpoint_dir, me.index, n_servers, start, store)

@@ -9,7 +9,7 @@ PARAMS = dict(alpha=1e-5, beta=1e-9, gamma=1e-10)
 
 
 def test_the_ps_benchmark_prints_a_row_per_configuration():
-    proc = run_script(["-m", "syncml_lib.bench", "ps", "--size", "10000", "--steps", "3"], n=4, timeout=120)
+    proc = run_script(["-m", "syncml_lib.bench", "ps", "--size", "10000", "--steps", "3", "--rounds", "2"], n=4, timeout=120)
     out = proc.stdout
     for config, workers, servers in [("1 server BSP", 3, 1), ("1 server ASP", 3, 1),
                                      ("2 servers BSP", 2, 2), ("2 servers ASP", 2, 2)]:
@@ -19,19 +19,29 @@ def test_the_ps_benchmark_prints_a_row_per_configuration():
         assert cells[1:3] == [str(workers), str(servers)], rows[0]
         assert cells[-1] == " + ".join([f"{2 * workers * 10000 // servers} B"] * servers), rows[0]
         assert f"{config}: measured" in out and "1.5x" in out
-    assert "ring allreduce (same W)" in out and "MPI Allreduce" in out
+    assert "ring allreduce (same W)" in out and "MPI Allreduce" in out and "median over 2 runs" in out
 
 
 def test_predict_ps_by_hand():
     a, b, g, n = 1.0, 0.01, 0.001, 1200  # W=3, S=2: server 12 a + 2*3*600 b + 9*600 g; worker 8 a + 2400 b + 1200 g
-    assert predict_ps(n, 3, 2, a, b, g) == pytest.approx(max(12 + 36 + 5.4, 8 + 24 + 1.2))
-    assert predict_ps(n, 1, 3, a, b, g) == pytest.approx(max(4 + 8 + 2, 12 + 24 + 1.2))  # S > W: the worker
+    # BSP: the server also waits while the last worker puts its 1200 bytes together (1200 g)
+    assert predict_ps(n, 3, 2, a, b, g) == pytest.approx(max(12 + 36 + 5.4 + 1.2, 8 + 24 + 1.2))
+    assert predict_ps(n, 1, 3, a, b, g) == pytest.approx(max(4 + 8 + 2 + 1.2, 12 + 24 + 1.2))  # S > W: the worker
+    # SSP and ASP apply each of the W gradients alone (2 passes each) and copy for W pulls: 3W = 9 passes
+    assert predict_ps(n, 3, 2, a, b, g, mode="asp") == pytest.approx(max(12 + 36 + 5.4, 8 + 24 + 1.2))
+    assert predict_ps(n, 4, 2, a, b, g, mode="ssp") == pytest.approx(16 + 48 + 12 * 600 * g)  # 3W = 12 > 2W + 3
+    assert predict_ps(n, 4, 2, a, b, g, mode="bsp") == pytest.approx(16 + 48 + 11 * 600 * g + 1200 * g)
+    with pytest.raises(ValueError, match="unknown mode 'bssp'"):
+        predict_ps(n, 3, 2, a, b, g, mode="bssp")
 
 
 def test_two_servers_halve_the_server_time_when_bandwidth_bound():
     n = 1 << 30
-    one, two = predict_ps(n, 4, 1, **PARAMS), predict_ps(n, 4, 2, **PARAMS)
+    one, two = predict_ps(n, 4, 1, **PARAMS, mode="asp"), predict_ps(n, 4, 2, **PARAMS, mode="asp")
     assert two == pytest.approx(one / 2, rel=1e-3)
+    # in BSP all but the last worker's assembly (n gamma, the same for any S) halves
+    one, two = predict_ps(n, 4, 1, **PARAMS), predict_ps(n, 4, 2, **PARAMS)
+    assert two - n * PARAMS["gamma"] == pytest.approx((one - n * PARAMS["gamma"]) / 2, rel=1e-3)
 
 
 def test_predict_ps_grows_with_workers_and_size_and_is_positive():

@@ -105,13 +105,14 @@ def test_fit_alpha_beta_measures_the_same_plausible_numbers_on_every_rank():
     assert 0 < gamma < 1e-6
 
 
-def test_on_cores_scales_per_byte_costs_with_the_most_loaded_core():
+def test_on_cores_scales_per_byte_costs_with_the_share_of_a_core_each_rank_gets():
     from syncml_lib.costmodel import on_cores
 
     params = dict(alpha=1e-5, beta=4e-10, gamma=2e-10)
     fitted = dict(ranks=4, cores=2)  # two ranks per core when the constants were measured
     assert on_cores(params, 4, 2, fitted) == params
-    assert on_cores(params, 3, 2, fitted) == params  # a core still hosts two ranks
+    assert on_cores(params, 3, 2, fitted) == dict(alpha=1e-5, beta=3e-10, gamma=1.5e-10)  # 2/3 of a core each
     alone = on_cores(params, 2, 2, fitted)  # one rank per core: bytes move twice as fast
     assert alone == dict(alpha=1e-5, beta=2e-10, gamma=1e-10)
     assert on_cores(params, 8, 2, fitted)["beta"] == 8e-10
+    assert on_cores(params, 1, 2, fitted) == alone  # a rank never gets more than one core

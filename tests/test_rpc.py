@@ -168,3 +168,31 @@ def test_roles_need_a_positive_number_of_servers(n_servers):
 def test_done_is_reserved():
     with pytest.raises(ValueError, match="reserved"):
         rpc.serve(None, {"done": lambda *args: ({}, [])}, clients=[1])
+
+
+def idle_job(comm):
+    """Rank 0 serves; rank 1 keeps it waiting 0.5 s for its first request, then waits 0.5 s for a deferred
+    reply. Returns the CPU seconds each rank used while it waited (a spinning wait uses about 0.5)."""
+    import time
+
+    if comm.rank == 0:
+        def slow(source, header, arrays):
+            time.sleep(0.5)                    # the client waits for this reply
+            return {}, []
+        start = time.process_time()
+        rpc.serve(comm, {"slow": slow}, clients=[1])
+        return time.process_time() - start
+    time.sleep(0.5)                            # the server waits for a request meanwhile
+    start = time.process_time()
+    rpc.call(comm, 0, "slow")
+    used = time.process_time() - start
+    rpc.call(comm, 0, rpc.DONE)
+    return used
+
+
+def test_a_waiting_rank_sleeps_instead_of_spinning():
+    """A server between requests, and a client waiting for its reply, leave their core to the others
+    (with more ranks than cores, a spinning wait takes the core from the ranks that have work)."""
+    server_cpu, client_cpu = run(idle_job, 2, timeout=60)
+    assert server_cpu < 0.2, f"the server used {server_cpu:.2f} s of CPU while waiting 0.5 s for a request"
+    assert client_cpu < 0.2, f"the client used {client_cpu:.2f} s of CPU while waiting 0.5 s for its reply"
