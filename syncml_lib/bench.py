@@ -299,7 +299,7 @@ def print_ps_table(rows, p, steps, rounds):
                       " + ".join(format_size(round(b)) for b in row["server_bytes"])])
         verdict = "within" if 1 / 1.5 <= measured / calibrated <= 1.5 else "NOT within"
         notes.append(f"{lines[-1][0]}: measured {measured:.2f} vs calibrated {calibrated:.2f} -> {verdict} 1.5x "
-                     f"(DEFAULT_PARAMS: {measured / default:.2f}x off). PS step {format_time(fit['ps'])} predicted, "
+                     f"(with DEFAULT_PARAMS: measured/predicted {measured / default:.2f}x). PS step {format_time(fit['ps'])} predicted, "
                      f"ring {format_time(fit['ring'])}; per-message alpha PS {format_time(fit['ps_alpha'])}, "
                      f"ring {format_time(fit['ring_alpha'])}; server pass {fit['server_gamma']:.2g} s/B")
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]

@@ -105,11 +105,17 @@ def _anyone(comm, problems):
 def _report(title, reports):
     """Raise CheckFailed with each rank's first problem, or print a pass line."""
     __tracebackhide__ = True  # IPython and pytest show the message, not this frame
-    problems = [f"rank {rank}: {rank_problems[0]}" for rank, rank_problems in enumerate(reports) if rank_problems]
-    if problems:
+    failed = {}  # first problem -> the ranks that had it, so a problem every rank found is shown once
+    for rank, rank_problems in enumerate(reports):
+        if rank_problems:
+            failed.setdefault(rank_problems[0], []).append(rank)
+    if failed:
+        problems = [f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {problem}"
+                    for problem, ranks in failed.items()]
         shown = "\n  ".join(problems[:8])
         more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise CheckFailed(f"{title}: failed on {len(problems)} of {len(reports)} ranks\n  {shown}{more}")
+        count = sum(len(ranks) for ranks in failed.values())
+        raise CheckFailed(f"{title}: failed on {count} of {len(reports)} ranks\n  {shown}{more}")
     print(f"{title}: passed on {len(reports)} ranks.")
 
 
@@ -461,28 +467,28 @@ def _bsp_run_problems(comm, module_name, learner, **run_args):
 
 def _ssp_rule_on_rank(comm, may_read):
     problems = []
-    if comm.rank == 0:  # the rule itself, on every case a server can meet (the clock never passes the step)
-        for staleness in (0, 1, 3):
-            for step in range(7):
-                for clock in range(step + 1):
-                    got, error = _call(may_read, step, clock, staleness)
-                    want = clock >= step - staleness
-                    if error:
-                        problems.append(f"may_read(step={step}, clock={clock}, staleness={staleness}) {error}")
-                    elif bool(got) != want:
-                        missing = step - clock
-                        why = (f"the worker would miss the updates of {missing} step(s) before step {step}, "
-                               f"more than staleness={staleness} allows" if not want else
-                               f"it misses the updates of {missing} step(s), within staleness={staleness}: "
-                               f"blocking it here only wastes time (and with staleness=0 deadlocks BSP)")
-                        problems.append(f"may_read(step={step}, clock={clock}, staleness={staleness}) returned "
-                                        f"{got!r}, expected {want}: {why}")
-                    if problems:
-                        break
+    # the rule itself, on every case a server can meet (the clock never passes the step), on every rank
+    for staleness in (0, 1, 3):
+        for step in range(7):
+            for clock in range(step + 1):
+                got, error = _call(may_read, step, clock, staleness)
+                want = clock >= step - staleness
+                if error:
+                    problems.append(f"may_read(step={step}, clock={clock}, staleness={staleness}) {error}")
+                elif bool(got) != want:
+                    missing = step - clock
+                    why = (f"the worker would miss the updates of {missing} step(s) before step {step}, "
+                           f"more than staleness={staleness} allows" if not want else
+                           f"it misses the updates of {missing} step(s), within staleness={staleness}: "
+                           f"blocking it here only wastes time (and with staleness=0 deadlocks BSP)")
+                    problems.append(f"may_read(step={step}, clock={clock}, staleness={staleness}) returned "
+                                    f"{got!r}, expected {want}: {why}")
                 if problems:
                     break
             if problems:
                 break
+        if problems:
+            break
     if _anyone(comm, problems):
         return problems
     # the rule inside a real SSP run, with worker 0 slower than the others
@@ -507,19 +513,23 @@ def check_ssp_rule(may_read, view=None, n=4, timeout=60):
 def _momentum_on_rank(comm, momentum_update):
     problems = []
     rng = np.random.default_rng(20 + comm.rank)
-    param, velocity = rng.normal(size=5), np.zeros(5)
+    param, velocity = rng.normal(size=5), 0.1 * rng.normal(size=5)  # a velocity that is not 0 yet
     want_param, want_velocity = param.copy(), velocity.copy()
     for step in range(4):
         grad = rng.normal(size=5)
         want_velocity = 0.9 * want_velocity + grad
         want_param = want_param - 0.1 * want_velocity
-        before = param.copy()
+        before = {"param": param.copy(), "velocity": velocity.copy()}
         returned, error = _call(momentum_update, param, velocity, grad.copy(), 0.1, 0.9)
+        unchanged = [name for name, array in (("velocity", velocity), ("param", param))
+                     if np.array_equal(array, before[name])]
         if error:
             problems.append(f"step {step}: your function {error}")
-        elif np.array_equal(param, before) and returned is not None:
-            problems.append(f"step {step}: param is unchanged and your function returned a value: update "
-                            f"param and velocity in place (`param -= ...`), the server keeps using its arrays")
+        elif unchanged:
+            problems.append(f"step {step}: {' and '.join(unchanged)} {'is' if len(unchanged) == 1 else 'are'} unchanged "
+                            f"after your call" + (" (and your function returned a value)" if returned is not None else "")
+                            + f": update param and velocity in place (`velocity *= ...`, `param -= ...`); "
+                            f"`{unchanged[0]} = ...` only rebinds a local name, and the server keeps using its arrays")
         elif not np.allclose(velocity, want_velocity, rtol=1e-12):
             i = int(np.argmax(np.abs(velocity - want_velocity)))
             problems.append(f"step {step}: velocity[{i}] is {velocity[i]:.6g}, expected {want_velocity[i]:.6g} "
@@ -565,22 +575,24 @@ def _shard_problem(shard, n, servers):
         return f"{call} gave slices of sizes {sizes}: element {lost} is on no server"
     if not np.array_equal(values, flat):
         return f"{call} covers every element once but out of order: the slices must be contiguous, in server order"
-    if max(sizes) - min(sizes) > 1:
-        return f"{call} gave slices of sizes {sizes}: the sizes must differ by at most one, so no server does more"
+    expected = [len(piece) for piece in np.array_split(flat, servers)]
+    if sizes != expected:
+        return (f"{call} gave slices of sizes {sizes}, expected {expected}: the first len(flat) % n_servers "
+                f"slices get one element more, so that every rank computes the same slices")
     return None
 
 
 def _shard_on_rank(comm, shard):
     problems = []
-    if comm.rank == 0:
-        for n in (10, 7, 3, 0, 13):
-            for servers in (1, 2, 3, 4):
-                problem = _shard_problem(shard, n, servers)
-                if problem:
-                    problems.append(problem)
-                    break
-            if problems:
+    # on every rank, as the parameter server calls it on every rank
+    for n in (10, 7, 3, 0, 13):
+        for servers in (1, 2, 3, 4):
+            problem = _shard_problem(shard, n, servers)
+            if problem:
+                problems.append(problem)
                 break
+        if problems:
+            break
     if _anyone(comm, problems):
         return problems
     return _bsp_run_problems(comm, "shard", shard, steps=4, lr=0.05, mode="bsp",

@@ -85,20 +85,21 @@ def plot_parameter_server(n_servers, n_workers, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3))
     width = max(n_servers, n_workers)
-    server_x = np.linspace(0, width - 1, n_servers + 2)[1:-1] if n_servers > 1 else [(width - 1) / 2]
-    worker_x = np.linspace(0, width - 1, n_workers)
+    centred = lambda count: (width - 1) / 2 + np.arange(count) - (count - 1) / 2  # noqa: E731  (one apart)
+    server_x, worker_x = centred(n_servers), centred(n_workers)
     for s, x in enumerate(server_x):
-        ax.add_patch(plt.Rectangle((x - 0.4, 1.6), 0.8, 0.5, facecolor="tab:orange", alpha=0.8))
-        ax.text(x, 1.85, f"server {s}\nslice {s} of w", ha="center", va="center", fontsize=8)
+        ax.add_patch(plt.Rectangle((x - 0.42, 1.6), 0.84, 0.65, facecolor="tab:orange", alpha=0.8))
+        ax.text(x, 1.92, f"server {s}\n(rank {s})\nslice {s} of w", ha="center", va="center", fontsize=7.5)
     for w, x in enumerate(worker_x):
-        ax.add_patch(plt.Rectangle((x - 0.4, 0), 0.8, 0.5, facecolor="tab:blue", alpha=0.8))
-        ax.text(x, 0.25, f"worker {w}\ndata part {w}", ha="center", va="center", fontsize=8, color="white")
+        ax.add_patch(plt.Rectangle((x - 0.42, -0.15), 0.84, 0.65, facecolor="tab:blue", alpha=0.8))
+        ax.text(x, 0.17, f"worker {w}\n(rank {n_servers + w})\ndata part {w}", ha="center", va="center",
+                fontsize=7.5, color="white")
         for sx in server_x:
             ax.annotate("", xy=(x - 0.08, 0.5), xytext=(sx - 0.08, 1.6), arrowprops=dict(arrowstyle="->", color="tab:green"))
             ax.annotate("", xy=(sx + 0.08, 1.6), xytext=(x + 0.08, 0.5), arrowprops=dict(arrowstyle="->", color="tab:red"))
     ax.text(width - 0.4, 1.05, "pull w (green)\npush gradient (red)", fontsize=8, ha="left", va="center")
     ax.set_xlim(-0.6, width + 1.2)
-    ax.set_ylim(-0.2, 2.3)
+    ax.set_ylim(-0.25, 2.35)
     ax.axis("off")
     return ax
 

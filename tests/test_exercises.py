@@ -60,7 +60,7 @@ def test_global_mean_check_passes_the_solution():
 
 def test_global_mean_check_fails_the_stub_and_says_it_is_not_written():
     ns = exercise_functions("exercise:00_setup_and_tour.ipynb")
-    with pytest.raises(checks.CheckFailed, match="rank 0: trial 0 .*NotImplementedError: the exercise is not written"):
+    with pytest.raises(checks.CheckFailed, match="ranks 0, 1, 2, 3: trial 0 .*NotImplementedError: the exercise is not written"):
         checks.check_global_mean(ns["global_mean"], n=4)
 
 
@@ -90,7 +90,7 @@ def hangs_on_rank_one(comm, local_values):
 
 
 def test_a_deadlocking_answer_fails_the_check_within_its_timeout():
-    with pytest.raises(checks.CheckFailed, match="rank 0: did not finish within 5s"):
+    with pytest.raises(checks.CheckFailed, match="ranks 0, 1: did not finish within 5s"):
         checks.check_global_mean(hangs_on_rank_one, n=2, timeout=5)
 
 
@@ -111,7 +111,7 @@ def test_allreduce_checks_pass_the_solutions(name, check):
 @pytest.mark.parametrize("name, check", CH03, ids=[name for name, _ in CH03])
 def test_allreduce_checks_fail_the_stubs(name, check):
     stub = exercise_functions("exercise:03_allreduce.ipynb")[name]
-    with pytest.raises(checks.CheckFailed, match="rank 0: length 12: your function raised NotImplementedError"):
+    with pytest.raises(checks.CheckFailed, match="ranks 0, 1, 2, 3: length 12: your function raised NotImplementedError"):
         check(stub, n=4)
 
 
@@ -270,11 +270,19 @@ def momentum_in_the_wrong_order(param, velocity, grad, lr, momentum):
     velocity += grad
 
 
+def momentum_that_reassigns(param, velocity, grad, lr, momentum):
+    velocity = momentum * velocity + grad  # a new local array: the server's velocity stays 0
+    param -= lr * velocity
+
+
 def test_momentum_check_names_the_step_and_the_value():
     with pytest.raises(checks.CheckFailed, match="update param and velocity in place"):
         checks.check_momentum(momentum_that_returns, n=2)
     with pytest.raises(checks.CheckFailed, match=r"rank 0: step 0: param\[\d\] is .*, expected .* \(= previous param - lr"):
         checks.check_momentum(momentum_in_the_wrong_order, n=2)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: step 0: velocity is unchanged after your call: update param "
+                                                 r"and velocity in place .* `velocity = ...` only rebinds a local name"):
+        checks.check_momentum(momentum_that_reassigns, n=2)
 
 
 def overlapping_shards(flat, n_servers):
@@ -287,10 +295,20 @@ def unbalanced_shards(flat, n_servers):
     return [flat[s * size:(s + 1) * size] for s in range(n_servers)]
 
 
+def extras_at_the_end(flat, n_servers):
+    """Balanced, but the last slices get the extra elements: not the rule every rank must follow."""
+    size, extra = divmod(len(flat), n_servers)
+    bounds = np.cumsum([0] + [size + (s >= n_servers - extra) for s in range(n_servers)])
+    return [flat[bounds[s]:bounds[s + 1]] for s in range(n_servers)]
+
+
 def test_shard_check_catches_overlap_and_imbalance():
     with pytest.raises(checks.CheckFailed, match=r"shard\(np.arange\(10\), 2\) gave slices of sizes \[6, 5\], 11 elements "
                                                  r"in all for 10: the slices overlap \(element 5"):
         checks.check_shard(overlapping_shards, n=3)
-    with pytest.raises(checks.CheckFailed, match=r"shard\(np.arange\(10\), 3\) gave slices of sizes \[4, 4, 2\]: "
-                                                 r"the sizes must differ by at most one"):
+    with pytest.raises(checks.CheckFailed, match=r"shard\(np.arange\(10\), 3\) gave slices of sizes \[4, 4, 2\], "
+                                                 r"expected \[4, 3, 3\]: the first len\(flat\) % n_servers"):
         checks.check_shard(unbalanced_shards, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: shard\(np.arange\(10\), 3\) gave slices of sizes "
+                                                 r"\[3, 3, 4\], expected \[4, 3, 3\]"):
+        checks.check_shard(extras_at_the_end, n=3)
