@@ -64,7 +64,8 @@ def check_same_on_all_ranks(comm, name, **fields):
             groups.setdefault(repr(value), []).append(rank)
         described = "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
                               for value, ranks in groups.items())
-        problems.append(f"{name}: {key}s differ across ranks: {described}")
+        plural = key if key.endswith("s") else key + "s"
+        problems.append(f"{name}: {plural} differ across ranks: {described}")
     if problems:
         raise ValueError("\n".join(problems))
 
