@@ -18,7 +18,8 @@ import numpy as np
 from . import mpirun
 
 __all__ = ["CheckFailed", "run_on_ranks", "check_global_mean", "check_ring_reduce_scatter", "check_ring_allgather",
-           "check_recursive_doubling", "check_ssp_rule", "check_momentum", "check_shard"]
+           "check_recursive_doubling", "check_ssp_rule", "check_momentum", "check_shard", "check_scatter_rows",
+           "check_epoch_indices", "check_ring_owners"]
 
 
 class CheckFailed(AssertionError):
@@ -604,3 +605,176 @@ def check_shard(shard, view=None, n=4, timeout=60):
     __tracebackhide__ = True
     reports = run_on_ranks(_shard_on_rank, shard, view=view, n=n, timeout=timeout)
     _report("check_shard", reports)
+
+
+# ---------------------------------------------------------------- chapter 04: scatter, sampler, ring
+
+SCATTER_TRIALS = ((10, 3), (13, 2), (3, 4), (1000, 8))  # (rows, columns): 13 and 3 leave some ranks a row short
+
+
+def _scatter_rows_on_rank(comm, scatter_rows):
+    from .data import block_range
+
+    problems = []
+    for trial, (n, d) in enumerate(SCATTER_TRIALS):
+        full = np.random.default_rng(4000 + trial).normal(size=(n, d))
+        block = block_range(n, comm.size, comm.rank)
+        expected = full[block.start:block.stop]
+        counting = _CountingComm(comm)
+        got, error = _call(scatter_rows, counting, full.copy() if comm.rank == 0 else None, n, d)
+        call = f"trial {trial} ({n} rows of {d} on {comm.size} ranks)"
+        broadcasts = [name for name in counting.collectives if name in ("Bcast", "bcast", "Allgather", "allgather")]
+        if error:
+            problems.append(f"{call}: your function {error}")
+        elif broadcasts:
+            problems.append(f"{call}: your function called {', '.join(broadcasts)}: every rank then receives all "
+                            f"{n} rows ({full.nbytes} bytes) to keep {len(block)}; a scatter sends each rank only its "
+                            f"own rows, with comm.Scatterv")
+        elif "Scatterv" not in counting.collectives:
+            problems.append(f"{call}: your function made the collective calls {counting.collectives or 'none'}; "
+                            f"use one buffer-based comm.Scatterv (blocks of different sizes need the 'v')")
+        elif not isinstance(got, np.ndarray) or got.shape != expected.shape:
+            problems.append(f"{call}: returned {type(got).__name__} of shape {getattr(got, 'shape', '?')}, expected "
+                            f"this rank's rows {block.start}..{block.stop - 1}, shape {expected.shape}")
+        elif not np.array_equal(got, expected):
+            row = int(np.flatnonzero((got != expected).any(axis=1))[0])
+            holder = [r for r in range(n) if np.array_equal(full[r], got[row])]
+            problems.append(f"{call}: row {row} of this rank's block should be row {block.start + row} of the data, "
+                            f"got " + (f"row {holder[0]}" if holder else _show(got[row])) +
+                            " (check the displacements: where each rank's block starts in the data, in elements)")
+        if _anyone(comm, problems):
+            break
+    return problems
+
+
+def check_scatter_rows(scatter_rows, view=None, n=4, timeout=30):
+    """scatter_rows(comm, data, n, d) must give rank r rows block_range(n, size, r) of root 0's data."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_scatter_rows_on_rank, scatter_rows, view=view, n=n, timeout=timeout)
+    _report("check_scatter_rows", reports)
+
+
+SAMPLER_CASES = ((10, 0), (10, 1), (12, 2), (7, 0), (3, 1))  # (items, epoch); 10, 7 and 3 need padding on 4 ranks
+
+
+def _epoch_problem(everyone, n, epoch, size):
+    """What is wrong with every rank's indices for one epoch (a list by rank), or None."""
+    per_rank = -(-n // size)
+    for rank, got in enumerate(everyone):
+        if len(got) != per_rank:
+            return (f"epoch {epoch}, n={n}: rank {rank} got {len(got)} indices, expected {per_rank} = ceil(n / size) "
+                    f"on every rank, so that all ranks run the same number of steps (pad by repeating)")
+        bad = [i for i in got if not 0 <= i < n]
+        if bad:
+            return f"epoch {epoch}, n={n}: rank {rank} got index {bad[0]}, outside 0..{n - 1}"
+    counts = np.bincount(np.concatenate(everyone).astype(int), minlength=n) if n else np.zeros(0, int)
+    if (counts == 0).any():
+        item = int(np.flatnonzero(counts == 0)[0])
+        return f"epoch {epoch}, n={n}: item {item} is visited by no rank"
+    extra = per_rank * size - n  # the padding: this many visits may repeat an item
+    if int((counts - 1).sum()) > extra:
+        item = int(np.flatnonzero(counts > 1)[0])
+        ranks = [r for r, got in enumerate(everyone) if item in got]
+        return (f"epoch {epoch}, n={n}: item {item} is visited by ranks {ranks}, more repeats than the {extra} "
+                f"that padding needs: do all ranks cut the same permutation? Seed it with seed and epoch, not rank")
+    return None
+
+
+def _epoch_indices_on_rank(comm, epoch_indices):
+    problems, orders = [], {}
+    for n, epoch in SAMPLER_CASES:
+        got, error = _call(epoch_indices, n, comm.size, comm.rank, epoch, 11)
+        again, _ = _call(epoch_indices, n, comm.size, comm.rank, epoch, 11) if not error else (None, None)
+        if error:
+            problems.append(f"epoch {epoch}, n={n}: your function {error}")
+        elif not np.array_equal(np.asarray(got), np.asarray(again)):
+            problems.append(f"epoch {epoch}, n={n}: two calls gave different indices {_show(np.asarray(got))} and "
+                            f"{_show(np.asarray(again))}: every rank must be able to compute the same permutation, "
+                            f"so draw it from a generator seeded with (seed, epoch)")
+        everyone = comm.allgather(None if problems else [int(i) for i in np.asarray(got).ravel()])
+        if problems or None in everyone:
+            break
+        if comm.rank == 0:
+            problems += filter(None, [_epoch_problem(everyone, n, epoch, comm.size)])
+            orders[n, epoch] = [i for got in everyone for i in got]
+        if _anyone(comm, problems):
+            break
+    if not problems and comm.rank == 0 and orders[10, 0] == orders[10, 1]:
+        problems.append("epochs 0 and 1 (n=10) visit the items in the same order on every rank: the permutation "
+                        "must change with the epoch, or every epoch repeats the first one")
+    return problems
+
+
+def check_epoch_indices(epoch_indices, view=None, n=4, timeout=30):
+    """epoch_indices(n, size, rank, epoch, seed) must give the ranks disjoint, equal parts of one shuffle per epoch."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_epoch_indices_on_rank, epoch_indices, view=view, n=n, timeout=timeout)
+    _report("check_epoch_indices", reports)
+
+
+RING_CASES = (  # (points, key_hash, replicas, why the answer is what it is)
+    ([(10, "a"), (20, "b"), (30, "c")], 15, 1, "the first point at or after 15 is 20"),
+    ([(10, "a"), (20, "b"), (30, "c")], 20, 1, "a key exactly on a point belongs to that point"),
+    ([(10, "a"), (20, "b"), (30, "c")], 35, 1, "past the last point the ring wraps around to the first"),
+    ([(10, "a"), (20, "b"), (30, "c")], 25, 3, "going clockwise from 25: c, then a (wrapping), then b"),
+    ([(10, "a"), (20, "a"), (30, "b"), (40, "c")], 5, 2, "a server with two points counts once"),
+    ([(10, "a"), (20, "b"), (30, "a"), (40, "b")], 35, 2, "replicas stop at 2 distinct servers"),
+)
+
+
+def _ring_owners_on_rank(comm, ring_owners):
+    from . import kvstore
+
+    problems = []
+    if comm.rank == 0:
+        for points, key_hash, replicas, why in RING_CASES:
+            expected = kvstore.ring_owners(points, key_hash, replicas)
+            got, error = _call(ring_owners, list(points), key_hash, replicas)
+            call = f"ring_owners({points}, key_hash={key_hash}, replicas={replicas})"
+            if error:
+                problems.append(f"{call}: your function {error}")
+            elif list(got) != expected:
+                problems.append(f"{call} returned {got!r}, expected {expected!r}: {why}")
+            if problems:
+                break
+    if _anyone(comm, problems) or comm.size < 2:
+        return problems
+    # a real store with the learner's function in place: 60 keys on the servers, one server crashes
+    n_servers = min(3, comm.size - 1)
+    replicas = min(2, n_servers)
+    ring = kvstore.HashRing(range(n_servers))
+    expected = np.zeros(n_servers, dtype=int)
+    for i in range(60):
+        for server in kvstore.ring_owners(ring.points, kvstore.stable_hash(f"k{i}"), replicas):
+            expected[server] += 1
+
+    def client(store):
+        if store.index == 0:
+            for i in range(60):
+                store.put(f"k{i}", np.full(2, float(i)))
+            if replicas > 1:
+                store.crash(n_servers - 1)
+            for i in range(60):
+                if not np.array_equal(store.get(f"k{i}"), np.full(2, float(i))):
+                    return f"key 'k{i}' read back wrong after server {n_servers - 1} crashed"
+        return None
+
+    try:
+        with _in_place_of(kvstore, "ring_owners", ring_owners):
+            result = kvstore.run_kvstore(comm, client, n_servers=n_servers, replicas=replicas)
+    except Exception as exc:
+        return [f"a real store ({n_servers} servers, {replicas} replicas) with your function failed: "
+                f"{type(exc).__name__}: {exc}"]
+    if result.returns[0]:
+        return [result.returns[0]]
+    if result.keys_per_server != expected.tolist():
+        return [f"a real store ({n_servers} servers, {replicas} replicas) with your function holds "
+                f"{result.keys_per_server} keys per server, expected {expected.tolist()} from the ring"]
+    return []
+
+
+def check_ring_owners(ring_owners, view=None, n=4, timeout=60):
+    """ring_owners(points, key_hash, replicas) must return the first `replicas` distinct servers clockwise."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_ring_owners_on_rank, ring_owners, view=view, n=n, timeout=timeout)
+    _report("check_ring_owners", reports)

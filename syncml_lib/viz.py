@@ -2,7 +2,8 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["plot_rank_buffers"]
+__all__ = ["plot_rank_buffers", "plot_messages", "plot_timeline", "plot_parameter_server", "plot_worker_steps",
+           "plot_owners", "plot_hash_ring"]
 
 
 def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis"):
@@ -119,4 +120,51 @@ def plot_worker_steps(history, title=None, ax=None):
     ax.set_xlabel("milliseconds (gray: waiting for the pull; colour: one step)")
     if title:
         ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_owners(layouts, size, ax=None):
+    """One row per layout, one box per item, coloured by the rank that holds it (white: no rank;
+    hatched: more than one). `layouts` maps a name to a list with one list of ranks per item."""
+    ax = ax or plt.gca()
+    colours = plt.get_cmap("tab10")
+    for row, (name, owners) in enumerate(layouts.items()):
+        for item, ranks in enumerate(owners):
+            shade = colours(ranks[0] % 10) if len(ranks) == 1 else "white"
+            ax.add_patch(plt.Rectangle((item, row), 0.95, 0.85, facecolor=shade, edgecolor="black", lw=0.5,
+                                       hatch="///" if len(ranks) > 1 else None))
+            if len(ranks) == 1:
+                ax.text(item + 0.47, row + 0.42, str(ranks[0]), ha="center", va="center", fontsize=7, color="white")
+    ax.set_xlim(-0.1, max(len(owners) for owners in layouts.values()))
+    ax.set_ylim(len(layouts), -0.1)
+    ax.set_yticks(np.arange(len(layouts)) + 0.42, list(layouts))
+    ax.set_xlabel(f"item (box: the rank of {size} that holds it; white: none; hatched: several)")
+    for side in ax.spines.values():
+        side.set_visible(False)
+    return ax
+
+
+def plot_hash_ring(ring, keys=(), replicas=1, ax=None):
+    """The ring of a kvstore.HashRing: each server's points on the circle (coloured by server) and
+    each key (black tick) with a line to its first owner's point."""
+    from .data import stable_hash
+
+    ax = ax or plt.gca()
+    colours = plt.get_cmap("tab10")
+    angle = lambda position: 2 * np.pi * position / 2.0**64  # noqa: E731
+    circle = np.linspace(0, 2 * np.pi, 200)
+    ax.plot(np.cos(circle), np.sin(circle), color="0.8", lw=1)
+    for position, server in ring.points:
+        a = angle(position)
+        ax.plot(np.cos(a), np.sin(a), "o", ms=6, color=colours(server % 10))
+    for key in keys:
+        a = angle(stable_hash(key))
+        owners = ring.owners(key, replicas)
+        ax.plot([0.85 * np.cos(a), 1.0 * np.cos(a)], [0.85 * np.sin(a), 1.0 * np.sin(a)], color="black", lw=1)
+        ax.text(0.72 * np.cos(a), 0.72 * np.sin(a), f"{key}\n→ {owners}", fontsize=7, ha="center", va="center")
+    for server in ring.servers:
+        ax.plot([], [], "o", color=colours(server % 10), label=f"server {server}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_aspect("equal")
+    ax.axis("off")
     return ax
