@@ -26,13 +26,13 @@ import os
 import sys
 import time
 
-# In `ps`, a parameter server's ranks wait for requests and replies asleep (rpc.py), but inside an MPI
+# In `ps` (and `data`), a parameter server's ranks (a key-value store's) wait for requests and replies asleep (rpc.py), but inside an MPI
 # call (a big array under way, an allreduce among the workers) MPICH waits by spinning. With more ranks
 # than cores that takes the cores from the ranks that have work, unless MPICH's progress throttle makes
 # an idle rank yield; the course's engines and mpirun turn it on for the same reason.
 # MPICH reads it when MPI starts, that is when mpi4py.MPI is imported: so here, before that import.
 # (`allreduce` runs without it: every rank there is busy, and its tables were measured so.)
-if sys.argv[1:2] == ["ps"]:
+if sys.argv[1:2] in (["ps"], ["data"]):
     os.environ.setdefault("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "1")
 
 import numpy as np  # noqa: E402
@@ -40,6 +40,8 @@ from mpi4py import MPI  # noqa: E402
 
 from . import costmodel
 from .allreduce import ALGORITHMS, allreduce, ring_allreduce
+from .data import block_range, scatter_rows
+from .kvstore import run_kvstore
 from .parameter_server import run_parameter_server
 
 DEFAULT_SIZES = ["8", "64", "1K", "8K", "64K", "1M", "8M", "64M"]
@@ -66,6 +68,13 @@ def format_time(seconds):
     if seconds < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+def print_table(header, lines):
+    """Print rows of cells under a header, right-aligned in columns separated by |."""
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    for cells in [header, ["-" * w for w in widths], *lines]:
+        print(" | ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
 
 
 def time_calls(comm, calls, repeat):
@@ -302,13 +311,11 @@ def print_ps_table(rows, p, steps, rounds):
                      f"(with DEFAULT_PARAMS: measured/predicted {measured / default:.2f}x). PS step {format_time(fit['ps'])} predicted, "
                      f"ring {format_time(fit['ring'])}; per-message alpha PS {format_time(fit['ps_alpha'])}, "
                      f"ring {format_time(fit['ring_alpha'])}; server pass {fit['server_gamma']:.2g} s/B")
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
     print(f"parameter server vs ring allreduce among the workers only: {format_size(rows[0]['nbytes'])} "
           f"of float64, {p} ranks, {steps} steps (the first is a warm-up); PS step: median time between "
           f"step ends, median over {rounds} runs; allreduce: median of the slowest worker's time; MPIR_CVAR_CH4_PROGRESS_THROTTLE="
           f"{os.environ.get('MPIR_CVAR_CH4_PROGRESS_THROTTLE', 'unset')}")
-    for cells in [header, ["-" * w for w in widths], *lines]:
-        print(" | ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
+    print_table(header, lines)
     d = costmodel.DEFAULT_PARAMS
     print(f"\npredicted PS/ring = costmodel.predict_ps(n, W, S) / predict('ring', n, p=W). DEFAULT_PARAMS: "
           f"alpha={d['alpha']:.2g}, beta={d['beta']:.2g}, gamma={d['gamma']:.2g} for both. Calibrated in this "
@@ -328,6 +335,100 @@ def main_ps(args):
     rows = bench_ps(comm, nbytes, args.steps, repeats_for(nbytes, args.repeat), args.rounds)
     if comm.rank == 0:
         print_ps_table(rows, comm.size, args.steps, args.rounds)
+
+
+# ----------------------------------------------------------------------------- data storage
+
+DATA_SIZES = ["64K", "1M", "8M"]
+
+
+def time_scatter(comm, nbytes, repeat):
+    """{name: seconds} of cutting nbytes of float64 rows (8 per row) from rank 0 over all ranks:
+    MPI's Scatterv called directly, scatter_rows (the same, plus its header bcast) and the look-alike
+    that broadcasts everything and slices."""
+    rows = nbytes // 64
+    full = np.random.default_rng(0).random((rows, 8)) if comm.rank == 0 else None
+    blocks = [block_range(rows, comm.size, r) for r in range(comm.size)]
+    counts, starts = [len(b) * 8 for b in blocks], [b.start * 8 for b in blocks]
+    mine, everything = np.empty((len(blocks[comm.rank]), 8)), np.empty((rows, 8))
+
+    def mpi_scatterv():
+        comm.Scatterv([full, counts, starts, MPI.DOUBLE] if comm.rank == 0 else None, mine, root=0)
+
+    def broadcast_then_slice():
+        comm.Bcast(full if comm.rank == 0 else everything, root=0)
+        return (full if comm.rank == 0 else everything)[blocks[comm.rank].start:blocks[comm.rank].stop].copy()
+
+    return time_calls(comm, {"MPI Scatterv": mpi_scatterv, "scatter_rows": lambda: scatter_rows(comm, full),
+                             "Bcast + slice": broadcast_then_slice}, repeat)
+
+
+def time_kvstore(comm, nbytes, repeat):
+    """{name: seconds} of one put of a new key (1 and 2 replicas) and one get of an nbytes array, by the
+    first client of a store with 2 servers; and of the same bytes sent with bare MPI: Send, then a
+    0-byte reply. Median over `repeat` operations, on one client while the other ranks wait (asleep
+    in rpc). Each put stores a new key, so its servers need new memory for it, as a store filling up
+    does (the first touch of new pages is part of the cost)."""
+    value = np.random.default_rng(1).random(nbytes // 8)
+    times = {}
+    for replicas in (1, 2):
+        def client(store):
+            if store.index != 0:
+                return None
+            puts, gets = [], []
+            for i in range(repeat + 2):  # the first two warm up
+                start = time.perf_counter()
+                store.put(f"k{i}", value)
+                puts.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                store.get(f"k{i}")
+                gets.append(time.perf_counter() - start)
+            return float(np.median(puts[2:])), float(np.median(gets[2:]))
+        put, get = run_kvstore(comm, client, n_servers=2, replicas=replicas).returns[0]
+        times[f"kv put, R={replicas}"] = put
+        if replicas == 1:
+            times["kv get"] = get
+    # bare MPI between the first client (rank 2) and server 0: the array one way, an empty reply back
+    ack, samples = np.empty(0), []
+    received = np.empty_like(value)
+    for i in range(repeat + 2):
+        comm.Barrier()
+        start = time.perf_counter()
+        if comm.rank == 2:
+            comm.Send(value, dest=0)
+            comm.Recv(ack, source=0)
+        elif comm.rank == 0:
+            comm.Recv(received, source=2)
+            comm.Send(ack, dest=2)
+        samples.append(time.perf_counter() - start)
+    times["MPI Send + reply"] = comm.bcast(float(np.median(samples[2:])), root=2)
+    return times
+
+
+def bench_data(comm, sizes, repeat):
+    return [dict(nbytes=n, **time_scatter(comm, n, repeats_for(n, repeat)),
+                 **time_kvstore(comm, n, repeats_for(n, repeat))) for n in sizes]
+
+
+def print_data_table(rows, p):
+    scatter = ["MPI Scatterv", "scatter_rows", "Bcast + slice"]
+    kv = ["MPI Send + reply", "kv put, R=1", "kv put, R=2", "kv get"]
+    print(f"cutting float64 rows over {p} ranks from rank 0 (median of the slowest rank; ratio to MPI Scatterv)")
+    print_table(["size", *scatter], [[format_size(row["nbytes"])] + [
+        f"{format_time(row[name])} ({row[name] / row['MPI Scatterv']:.2f}x)" for name in scatter] for row in rows])
+    print(f"\nkey-value store, 2 servers, one client putting (new keys) and getting one array (median per "
+          f"operation; ratio to sending the same bytes with MPI Send and a 0-byte reply)")
+    print_table(["size", *kv], [[format_size(row["nbytes"])] + [
+        f"{format_time(row[name])} ({row[name] / row['MPI Send + reply']:.2f}x)" for name in kv] for row in rows])
+
+
+def main_data(args):
+    comm = MPI.COMM_WORLD
+    if comm.size < 3:
+        raise SystemExit("bench data needs at least 3 ranks (2 servers and a client)")
+    rows = bench_data(comm, [parse_size(s) for s in args.sizes], args.repeat)
+    if comm.rank == 0:
+        print_data_table(rows, comm.size)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -355,6 +456,13 @@ def main(argv=None):
     ps_parser.add_argument("--repeat", type=int, default=50,
                            help="allreduce repeats, fewer for large sizes (default: 50)")
     ps_parser.set_defaults(main=main_ps)
+
+    data_parser = commands.add_parser("data", help="scatter and the key-value store against bare MPI")
+    data_parser.add_argument("--sizes", nargs="+", default=DATA_SIZES,
+                             help="bytes per scatter, per key-value array (default: %(default)s)")
+    data_parser.add_argument("--repeat", type=int, default=100,
+                             help="repeats per measurement, fewer for large sizes (default: 100)")
+    data_parser.set_defaults(main=main_data)
 
     # Other benchmarks add their subparser here, with a main_<name>(args) function in their own
     # section above.

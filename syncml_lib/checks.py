@@ -694,12 +694,12 @@ def _epoch_indices_on_rank(comm, epoch_indices):
         everyone = comm.allgather(None if problems else [int(i) for i in np.asarray(got).ravel()])
         if problems or None in everyone:
             break
-        if comm.rank == 0:
-            problems += filter(None, [_epoch_problem(everyone, n, epoch, comm.size)])
-            orders[n, epoch] = [i for got in everyone for i in got]
-        if _anyone(comm, problems):
+        # every rank has every rank's indices now: each judges the whole layout (the same verdict everywhere)
+        problems += filter(None, [_epoch_problem(everyone, n, epoch, comm.size)])
+        orders[n, epoch] = [i for got in everyone for i in got]
+        if problems:
             break
-    if not problems and comm.rank == 0 and orders[10, 0] == orders[10, 1]:
+    if not problems and orders[10, 0] == orders[10, 1]:
         problems.append("epochs 0 and 1 (n=10) visit the items in the same order on every rank: the permutation "
                         "must change with the epoch, or every epoch repeats the first one")
     return problems
@@ -726,17 +726,16 @@ def _ring_owners_on_rank(comm, ring_owners):
     from . import kvstore
 
     problems = []
-    if comm.rank == 0:
-        for points, key_hash, replicas, why in RING_CASES:
-            expected = kvstore.ring_owners(points, key_hash, replicas)
-            got, error = _call(ring_owners, list(points), key_hash, replicas)
-            call = f"ring_owners({points}, key_hash={key_hash}, replicas={replicas})"
-            if error:
-                problems.append(f"{call}: your function {error}")
-            elif list(got) != expected:
-                problems.append(f"{call} returned {got!r}, expected {expected!r}: {why}")
-            if problems:
-                break
+    for points, key_hash, replicas, why in RING_CASES:  # on every rank, as every client asks the ring
+        expected = kvstore.ring_owners(points, key_hash, replicas)
+        got, error = _call(ring_owners, list(points), key_hash, replicas)
+        call = f"ring_owners({points}, key_hash={key_hash}, replicas={replicas})"
+        if error:
+            problems.append(f"{call}: your function {error}")
+        elif not isinstance(got, (list, tuple)) or list(got) != expected:
+            problems.append(f"{call} returned {got!r}, expected {expected!r}: {why}")
+        if problems:
+            break
     if _anyone(comm, problems) or comm.size < 2:
         return problems
     # a real store with the learner's function in place: 60 keys on the servers, one server crashes

@@ -135,7 +135,9 @@ def plot_owners(layouts, size, ax=None):
                                        hatch="///" if len(ranks) > 1 else None))
             if len(ranks) == 1:
                 ax.text(item + 0.47, row + 0.42, str(ranks[0]), ha="center", va="center", fontsize=7, color="white")
-    ax.set_xlim(-0.1, max(len(owners) for owners in layouts.values()))
+    n = max(len(owners) for owners in layouts.values())
+    ax.set_xlim(-0.1, n)
+    ax.set_xticks(np.arange(0, n, 5) + 0.47, [str(i) for i in range(0, n, 5)])
     ax.set_ylim(len(layouts), -0.1)
     ax.set_yticks(np.arange(len(layouts)) + 0.42, list(layouts))
     ax.set_xlabel(f"item (box: the rank of {size} that holds it; white: none; hatched: several)")
@@ -145,8 +147,8 @@ def plot_owners(layouts, size, ax=None):
 
 
 def plot_hash_ring(ring, keys=(), replicas=1, ax=None):
-    """The ring of a kvstore.HashRing: each server's points on the circle (coloured by server) and
-    each key (black tick) with a line to its first owner's point."""
+    """The ring of a kvstore.HashRing: each server's points on the circle (coloured by server), and each
+    key as a black tick at its position, labelled with its owners (the next distinct servers clockwise)."""
     from .data import stable_hash
 
     ax = ax or plt.gca()

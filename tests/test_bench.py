@@ -61,3 +61,15 @@ def test_ps_over_ring_compares_with_a_ring_among_the_workers():
     assert ps_over_ring(1 << 34, 3, 1, 1e-6, 1e-9) == pytest.approx(4.5, rel=1e-3)
     assert ps_over_ring(1 << 34, 2, 2, 1e-6, 1e-9) == pytest.approx(2.0, rel=1e-3)
     assert ps_over_ring(n, 1, 1, **costmodel.DEFAULT_PARAMS) == float("inf")
+
+
+def test_the_data_benchmark_prints_both_tables():
+    proc = run_script(["-m", "syncml_lib.bench", "data", "--sizes", "8K", "64K", "--repeat", "5"], n=4, timeout=120)
+    out = proc.stdout
+    for header in ("MPI Scatterv | scatter_rows | Bcast + slice", "MPI Send + reply | kv put, R=1 | kv put, R=2 | kv get"):
+        assert header in " ".join(out.split()), out   # columns are padded: compare with single spaces
+    for size in ("8 KB", "64 KB"):
+        rows = [line for line in out.splitlines() if line.strip().startswith(size + " |")]
+        assert len(rows) == 2, out                                   # one in each table
+        assert all(line.count("x)") == len(line.split("|")) - 1 for line in rows), rows
+        assert all("(1.00x)" in line.split("|")[1] for line in rows), rows  # the first column is the reference

@@ -312,3 +312,107 @@ def test_shard_check_catches_overlap_and_imbalance():
     with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: shard\(np.arange\(10\), 3\) gave slices of sizes "
                                                  r"\[3, 3, 4\], expected \[4, 3, 3\]"):
         checks.check_shard(extras_at_the_end, n=3)
+
+
+# ---------------------------------------------------------------- chapter 04
+
+CH04 = [("scatter_rows", checks.check_scatter_rows), ("epoch_indices", checks.check_epoch_indices),
+        ("ring_owners", checks.check_ring_owners)]
+
+
+@pytest.mark.parametrize("name, check", CH04, ids=[name for name, _ in CH04])
+def test_data_storage_checks_pass_the_solutions(name, check):
+    solution = exercise_functions("solution:04_data_storage.ipynb")[name]
+    for n in (2, 3, 4):
+        check(solution, n=n)
+
+
+@pytest.mark.parametrize("name, check", CH04, ids=[name for name, _ in CH04])
+def test_data_storage_checks_fail_the_stubs(name, check):
+    stub = exercise_functions("exercise:04_data_storage.ipynb")[name]
+    with pytest.raises(checks.CheckFailed, match="ranks 0, 1, 2: .*NotImplementedError: the exercise is not written yet"):
+        check(stub, n=3)
+
+
+def scatter_by_broadcast(comm, data, n, d):
+    """The look-alike: everyone receives everything, then keeps its block."""
+    from syncml_lib.data import block_range
+    data = comm.bcast(data, root=0)
+    block = block_range(n, comm.size, comm.rank)
+    return data[block.start:block.stop].copy()
+
+
+def scatter_with_row_displacements(comm, data, n, d):
+    """Counts in elements, but displacements in rows: every rank after 0 gets rows from too early."""
+    from mpi4py import MPI
+    from syncml_lib.data import block_range
+    blocks = [block_range(n, comm.size, r) for r in range(comm.size)]
+    mine = np.empty((len(blocks[comm.rank]), d))
+    send = [data, [len(b) * d for b in blocks], [b.start for b in blocks], MPI.DOUBLE] if comm.rank == 0 else None
+    comm.Scatterv(send, mine, root=0)
+    return mine
+
+
+def test_scatter_check_names_a_broadcast_and_wrong_displacements():
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: trial 0 \(10 rows of 3 on 4 ranks\): your function "
+                                                 r"called bcast: every rank then receives all 10 rows"):
+        checks.check_scatter_rows(scatter_by_broadcast, n=4)
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_scatter_rows(scatter_with_row_displacements, n=4)
+    message = str(info.value)
+    # rank 1 should start at row 3 (element 9) but starts at element 3, i.e. row 1 of the data
+    assert "rank 1: trial 0 (10 rows of 3 on 4 ranks): row 0 of this rank's block should be row 3 of the data, got row 1" in message
+    assert "check the displacements" in message and "rank 0:" not in message
+
+
+def seeded_by_rank(n, size, rank, epoch, seed):
+    order = np.random.default_rng([seed + rank, epoch]).permutation(n)
+    return np.resize(order, -(-n // size) * size)[rank::size]
+
+
+def same_every_epoch(n, size, rank, epoch, seed):
+    order = np.random.default_rng(seed).permutation(n)
+    return np.resize(order, -(-n // size) * size)[rank::size]
+
+
+def without_padding(n, size, rank, epoch, seed):
+    return np.array_split(np.random.default_rng([seed, epoch]).permutation(n), size)[rank]
+
+
+def unseeded(n, size, rank, epoch, seed):
+    return np.resize(np.random.permutation(n), -(-n // size) * size)[rank::size]
+
+
+def test_sampler_check_explains_each_classic_mistake():
+    with pytest.raises(checks.CheckFailed, match=r"epoch 0, n=10: item \d+ is (visited by no rank|visited by ranks .*"
+                                                 r"Seed it with seed and epoch, not rank)"):
+        checks.check_epoch_indices(seeded_by_rank, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"epochs 0 and 1 \(n=10\) visit the items in the same order"):
+        checks.check_epoch_indices(same_every_epoch, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2, 3: epoch 0, n=10: rank 2 got 2 indices, expected 3 = ceil\(n / size\)"):
+        checks.check_epoch_indices(without_padding, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"two calls gave different indices"):
+        checks.check_epoch_indices(unseeded, n=4)
+
+
+def owners_without_wrapping(points, key_hash, replicas):
+    owners = []
+    for position, server in points:
+        if position >= key_hash and server not in owners:
+            owners.append(server)
+    return owners[:replicas]
+
+
+def owners_with_repeats(points, key_hash, replicas):
+    import bisect
+    start = bisect.bisect_left(points, (key_hash,))
+    return [points[(start + i) % len(points)][1] for i in range(replicas)]
+
+
+def test_ring_check_names_the_case_and_the_rule():
+    with pytest.raises(checks.CheckFailed, match=r"key_hash=35, replicas=1\) returned \[\], expected \['a'\]: past the last "
+                                                 r"point the ring wraps around"):
+        checks.check_ring_owners(owners_without_wrapping, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"key_hash=5, replicas=2\) returned \['a', 'a'\], expected \['a', 'b'\]: "
+                                                 r"a server with two points counts once"):
+        checks.check_ring_owners(owners_with_repeats, n=4)
