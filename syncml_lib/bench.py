@@ -344,16 +344,19 @@ DATA_SIZES = ["64K", "1M", "8M"]
 
 def time_scatter(comm, nbytes, repeat):
     """{name: seconds} of cutting nbytes of float64 rows (8 per row) from rank 0 over all ranks:
-    MPI's Scatterv called directly, scatter_rows (the same, plus its header bcast) and the look-alike
-    that broadcasts everything and slices."""
+    MPI's Scatterv called directly into a new array (scatter_rows returns a new array too),
+    scatter_rows (the same, plus its header bcast and Python) and the look-alike that broadcasts
+    everything and slices."""
     rows = nbytes // 64
     full = np.random.default_rng(0).random((rows, 8)) if comm.rank == 0 else None
     blocks = [block_range(rows, comm.size, r) for r in range(comm.size)]
     counts, starts = [len(b) * 8 for b in blocks], [b.start * 8 for b in blocks]
-    mine, everything = np.empty((len(blocks[comm.rank]), 8)), np.empty((rows, 8))
+    everything = np.empty((rows, 8))
 
     def mpi_scatterv():
+        mine = np.empty((len(blocks[comm.rank]), 8))
         comm.Scatterv([full, counts, starts, MPI.DOUBLE] if comm.rank == 0 else None, mine, root=0)
+        return mine
 
     def broadcast_then_slice():
         comm.Bcast(full if comm.rank == 0 else everything, root=0)

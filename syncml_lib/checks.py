@@ -26,10 +26,21 @@ class CheckFailed(AssertionError):
     """The learner's code gave a wrong answer, raised, or hung."""
 
 
+def _in_fresh_comm(comm, rank_fn, *args):
+    """rank_fn on a duplicate of comm. A wrong answer can leave messages nobody receives (a collective
+    that only some ranks called); in a duplicate they can never be matched by a later check's calls.
+    The duplicate is freed only when every rank passed, so a used one is never handed out again."""
+    fresh = comm.Dup()
+    problems = rank_fn(fresh, *args)
+    if not fresh.allreduce(len(problems)):
+        fresh.Free()
+    return problems
+
+
 def _on_engine(rank_fn, *args):
     from mpi4py import MPI
 
-    return rank_fn(MPI.COMM_WORLD, *args)
+    return _in_fresh_comm(MPI.COMM_WORLD, rank_fn, *args)
 
 
 STUCK = ("did not finish within {timeout}s: it is waiting for a message or a collective that never comes "
@@ -51,7 +62,7 @@ def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=30):
     stuck = [STUCK.format(timeout=timeout)]
     if view is None:
         try:
-            return mpirun.run(rank_fn, n, *args, timeout=timeout)
+            return mpirun.run(_in_fresh_comm, n, rank_fn, *args, timeout=timeout)
         except mpirun.MPIRunError as exc:
             if not exc.timed_out:
                 raise CheckFailed(f"the check itself failed:\n{exc}") from None
@@ -610,38 +621,73 @@ def check_shard(shard, view=None, n=4, timeout=60):
 # ---------------------------------------------------------------- chapter 04: scatter, sampler, ring
 
 SCATTER_TRIALS = ((10, 3), (13, 2), (3, 4), (1000, 8))  # (rows, columns): 13 and 3 leave some ranks a row short
+BROADCASTS = ("Bcast", "bcast", "Allgather", "allgather")
+
+
+class _WatchingComm(_CountingComm):
+    """A _CountingComm that also adds up the bytes each rank receives through broadcasts."""
+
+    def __init__(self, comm):
+        super().__init__(comm)
+        self.broadcast_bytes = 0
+
+    def __getattr__(self, name):
+        attribute = super().__getattr__(name)
+        if name not in BROADCASTS:
+            return attribute
+
+        def watched(*args, **kwargs):
+            result = attribute(*args, **kwargs)
+            received = args[0] if name[0].isupper() else result  # Bcast fills its buffer; bcast returns the object
+            received = received[0] if isinstance(received, (list, tuple)) and name[0].isupper() else received
+            self.broadcast_bytes += np.asarray(received).nbytes if np.asarray(received).dtype != object else 0
+            return result
+        return watched
+
+
+_scatter_calls = [0]  # how many times this process ran the check: each run gets data of its own
 
 
 def _scatter_rows_on_rank(comm, scatter_rows):
     from .data import block_range
 
     problems = []
+    _scatter_calls[0] += 1
     for trial, (n, d) in enumerate(SCATTER_TRIALS):
-        full = np.random.default_rng(4000 + trial).normal(size=(n, d))
+        # data that differs from any earlier run's, so rows left over in reused memory cannot pass
+        full = np.random.default_rng([4000 + trial, _scatter_calls[0]]).normal(size=(n, d))
         block = block_range(n, comm.size, comm.rank)
         expected = full[block.start:block.stop]
-        counting = _CountingComm(comm)
-        got, error = _call(scatter_rows, counting, full.copy() if comm.rank == 0 else None, n, d)
+        watching = _WatchingComm(comm)
+        got, error = _call(scatter_rows, watching, full.copy() if comm.rank == 0 else None, n, d)
+        called = comm.allgather("Scatterv" in watching.collectives)  # (on comm itself, not through the learner's)
         call = f"trial {trial} ({n} rows of {d} on {comm.size} ranks)"
-        broadcasts = [name for name in counting.collectives if name in ("Bcast", "bcast", "Allgather", "allgather")]
         if error:
             problems.append(f"{call}: your function {error}")
-        elif broadcasts:
-            problems.append(f"{call}: your function called {', '.join(broadcasts)}: every rank then receives all "
-                            f"{n} rows ({full.nbytes} bytes) to keep {len(block)}; a scatter sends each rank only its "
-                            f"own rows, with comm.Scatterv")
-        elif "Scatterv" not in counting.collectives:
-            problems.append(f"{call}: your function made the collective calls {counting.collectives or 'none'}; "
-                            f"use one buffer-based comm.Scatterv (blocks of different sizes need the 'v')")
+        elif comm.rank != 0 and watching.broadcast_bytes >= full.nbytes:
+            problems.append(f"{call}: this rank received {watching.broadcast_bytes} bytes through "
+                            f"{', '.join(n for n in watching.collectives if n in BROADCASTS)}: all {n} rows "
+                            f"({full.nbytes} bytes), to keep {len(block)}; a scatter sends each rank only its own "
+                            f"rows, with comm.Scatterv")
+        elif "Scatterv" not in watching.collectives:
+            others = [r for r, did in enumerate(called) if did]
+            problems.append(f"{call}: your function made the collective calls {watching.collectives or 'none'} on "
+                            f"this rank; every rank must call comm.Scatterv (rank 0 with the data, the others "
+                            f"with None)" + (f". Ranks {others} did call it, which leaves their messages unreceived: "
+                                             f"restart the cluster before you try again" if others else ""))
         elif not isinstance(got, np.ndarray) or got.shape != expected.shape:
             problems.append(f"{call}: returned {type(got).__name__} of shape {getattr(got, 'shape', '?')}, expected "
                             f"this rank's rows {block.start}..{block.stop - 1}, shape {expected.shape}")
         elif not np.array_equal(got, expected):
-            row = int(np.flatnonzero((got != expected).any(axis=1))[0])
-            holder = [r for r in range(n) if np.array_equal(full[r], got[row])]
-            problems.append(f"{call}: row {row} of this rank's block should be row {block.start + row} of the data, "
-                            f"got " + (f"row {holder[0]}" if holder else _show(got[row])) +
-                            " (check the displacements: where each rank's block starts in the data, in elements)")
+            wrong = int(np.flatnonzero(got.ravel() != expected.ravel())[0])
+            if wrong > 0:
+                problems.append(f"{call}: the first {wrong} values of this rank's block are right, value {wrong} "
+                                f"is not: check the counts, the number of elements (rows times d) each rank gets")
+            else:
+                found = [r for r in range(n) if np.array_equal(full[r], got[0])]
+                problems.append(f"{call}: row 0 of this rank's block should be row {block.start} of the data, got "
+                                + (f"row {found[0]}" if found else _show(got[0])) +
+                                " (check the displacements: where each rank's block starts in the data, in elements)")
         if _anyone(comm, problems):
             break
     return problems
@@ -654,7 +700,9 @@ def check_scatter_rows(scatter_rows, view=None, n=4, timeout=30):
     _report("check_scatter_rows", reports)
 
 
-SAMPLER_CASES = ((10, 0), (10, 1), (12, 2), (7, 0), (3, 1))  # (items, epoch); 10, 7 and 3 need padding on 4 ranks
+SAMPLER_CASES = ((10, 0, 11), (10, 1, 11), (12, 2, 11), (7, 0, 11), (3, 1, 11), (10, 0, 12))
+# (items, epoch, seed); 10, 7 and 3 need padding on 4 ranks. Seed 12, epoch 0 against seed 11, epoch 1:
+# seeding with seed + epoch would make them the same.
 
 
 def _epoch_problem(everyone, n, epoch, size):
@@ -680,15 +728,22 @@ def _epoch_problem(everyone, n, epoch, size):
     return None
 
 
+def _padding(everyone, n):
+    """The items visited more than once in one epoch (what the padding repeats), sorted."""
+    counts = np.bincount(np.concatenate(everyone).astype(int), minlength=n)
+    return sorted(np.flatnonzero(counts > 1).tolist())
+
+
 def _epoch_indices_on_rank(comm, epoch_indices):
-    problems, orders = [], {}
-    for n, epoch in SAMPLER_CASES:
-        got, error = _call(epoch_indices, n, comm.size, comm.rank, epoch, 11)
-        again, _ = _call(epoch_indices, n, comm.size, comm.rank, epoch, 11) if not error else (None, None)
+    problems, seen = [], {}
+    for n, epoch, seed in SAMPLER_CASES:
+        case = f"epoch {epoch}, n={n}" + (f", seed={seed}" if seed != 11 else "")
+        got, error = _call(epoch_indices, n, comm.size, comm.rank, epoch, seed)
+        again, _ = _call(epoch_indices, n, comm.size, comm.rank, epoch, seed) if not error else (None, None)
         if error:
-            problems.append(f"epoch {epoch}, n={n}: your function {error}")
+            problems.append(f"{case}: your function {error}")
         elif not np.array_equal(np.asarray(got), np.asarray(again)):
-            problems.append(f"epoch {epoch}, n={n}: two calls gave different indices {_show(np.asarray(got))} and "
+            problems.append(f"{case}: two calls gave different indices {_show(np.asarray(got))} and "
                             f"{_show(np.asarray(again))}: every rank must be able to compute the same permutation, "
                             f"so draw it from a generator seeded with (seed, epoch)")
         everyone = comm.allgather(None if problems else [int(i) for i in np.asarray(got).ravel()])
@@ -696,13 +751,25 @@ def _epoch_indices_on_rank(comm, epoch_indices):
             break
         # every rank has every rank's indices now: each judges the whole layout (the same verdict everywhere)
         problems += filter(None, [_epoch_problem(everyone, n, epoch, comm.size)])
-        orders[n, epoch] = [i for got in everyone for i in got]
+        seen[n, epoch, seed] = everyone
         if problems:
             break
-    if not problems and orders[10, 0] == orders[10, 1]:
-        problems.append("epochs 0 and 1 (n=10) visit the items in the same order on every rank: the permutation "
-                        "must change with the epoch, or every epoch repeats the first one")
-    return problems
+    if problems:
+        return problems
+    order = {key: [i for part in everyone for i in part] for key, everyone in seen.items()}
+    if order[10, 0, 11] == order[10, 1, 11]:
+        return ["epochs 0 and 1 (n=10) visit the items in the same order on every rank: the permutation must "
+                "change with the epoch, or every epoch repeats the first one"]
+    if order[10, 0, 11] == order[10, 0, 12]:
+        return ["seeds 11 and 12 give the same order (n=10, epoch 0): the permutation must depend on the seed"]
+    if order[10, 0, 12] == order[10, 1, 11]:
+        return ["seed 12, epoch 0 gives the same order as seed 11, epoch 1 (n=10): seeding with seed + epoch makes "
+                "runs with neighbouring seeds share epochs; seed the generator with the pair [seed, epoch]"]
+    repeated = [_padding(seen[10, epoch, 11], 10) for epoch in (0, 1)]
+    if repeated[0] and repeated[0] == repeated[1]:
+        return [f"the padding repeats items {repeated[0]} in epochs 0 and 1 (n=10): pad with items of the epoch's "
+                f"own shuffle (repeat its start), not fixed items, or those items are seen more often every epoch"]
+    return []
 
 
 def check_epoch_indices(epoch_indices, view=None, n=4, timeout=30):

@@ -54,11 +54,20 @@ def cyclic_range(n, size, rank):
 
 
 def stable_hash(key):
-    """A 64-bit hash of str(key) that is the same in every process and every run (BLAKE2b).
+    """A 64-bit hash of key (a str, bytes or int) that is the same in every process and every run (BLAKE2b).
 
     Python's built-in hash() of a str is salted per process (PYTHONHASHSEED): two ranks computing
-    hash("user-42") % p get different owners, so an item lands on two ranks or on none."""
-    return int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little")
+    hash("user-42") % p get different owners, so an item lands on two ranks or on none. Other key types
+    are refused: str() of an arbitrary object may hold its memory address, which differs per process."""
+    if isinstance(key, bytes):
+        data = b"b:" + key
+    elif isinstance(key, str):
+        data = b"s:" + key.encode()
+    elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        data = b"i:" + str(int(key)).encode()  # so 1 and "1" are different keys
+    else:
+        raise TypeError(f"stable_hash: keys must be str, bytes or int, got {type(key).__name__}")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def hash_owner(key, size):
@@ -77,12 +86,13 @@ def scatter_rows(comm, data, root=0):
     header = None
     if comm.rank == root:
         if not isinstance(data, np.ndarray) or data.ndim < 1:
+            what = "a 0-d array" if isinstance(data, np.ndarray) else type(data).__name__
             header = ("error", TypeError, f"scatter_rows: root's data must be a numpy array with at least one "
-                                          f"dimension, got {type(data).__name__}")
+                                          f"dimension (rows to cut), got {what}")
         elif data.dtype.hasobject:
             header = ("error", TypeError, f"scatter_rows: data must hold numbers, not objects (dtype {data.dtype})")
         else:
-            header = ("ok", data.shape, data.dtype.str)
+            header = ("ok", data.shape, data.dtype)  # the dtype itself: structured dtypes keep their fields
     header = comm.bcast(header, root=root)
     if header[0] == "error":
         raise header[1](header[2])
@@ -90,7 +100,7 @@ def scatter_rows(comm, data, root=0):
     n, row = shape[0], int(np.prod(shape[1:], dtype=np.int64))
     counts = [len(block_range(n, comm.size, r)) * row for r in range(comm.size)]
     displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-    mine = np.empty((len(block_range(n, comm.size, comm.rank)),) + shape[1:], dtype=np.dtype(dtype))
+    mine = np.empty((len(block_range(n, comm.size, comm.rank)),) + shape[1:], dtype=dtype)
     send = None
     if comm.rank == root:
         flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)

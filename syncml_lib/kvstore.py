@@ -28,6 +28,7 @@ Cost: a put of m bytes moves R m bytes (R requests in a row); a get moves m byte
 one rpc call (2 control messages and the array).
 """
 import bisect
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,8 +216,9 @@ def run_kvstore(comm, client_fn, *, n_servers=1, replicas=1, vnodes=64):
 
     Ranks 0 .. n_servers-1 serve; every other rank calls client_fn(store) with a KVClient (store.index:
     0, 1, ... among the clients). The clients run at the same time, each at its own pace; the servers
-    answer requests in the order they come. If client_fn raises on a client, every rank raises
-    RuntimeError("client 1 failed: KeyError: ...") once all clients are done.
+    answer requests in the order they come. If client_fn raises on a client (or returns something that
+    cannot be pickled), every rank raises RuntimeError("client 1 failed: KeyError: ...") once all
+    clients are done.
     """
     check_same_on_all_ranks(comm, "run_kvstore", n_servers=n_servers, replicas=replicas, vnodes=vnodes)
     me = rpc.roles(comm, n_servers)
@@ -234,8 +236,10 @@ def run_kvstore(comm, client_fn, *, n_servers=1, replicas=1, vnodes=64):
         returned, failure = None, None
         try:
             returned = client_fn(store)
-        except Exception as error:
+            pickle.dumps(returned)  # it travels to every rank: find out now, not in the allgather below
+        except BaseException as error:  # also KeyboardInterrupt: the servers must hear "done" in any case
             failure = f"client {me.index} failed: {type(error).__name__}: {error}"
+            returned = None
         for s in me.servers:
             rpc.call(comm, s, rpc.DONE)
         mine = {"returned": returned, "failure": failure}

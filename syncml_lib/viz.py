@@ -147,13 +147,14 @@ def plot_owners(layouts, size, ax=None):
 
 
 def plot_hash_ring(ring, keys=(), replicas=1, ax=None):
-    """The ring of a kvstore.HashRing: each server's points on the circle (coloured by server), and each
-    key as a black tick at its position, labelled with its owners (the next distinct servers clockwise)."""
+    """The ring of a kvstore.HashRing, position 0 at the top and growing clockwise: each server's points
+    (coloured by server), and each key as a black tick at its position, labelled with its owners (the
+    next distinct servers clockwise)."""
     from .data import stable_hash
 
     ax = ax or plt.gca()
     colours = plt.get_cmap("tab10")
-    angle = lambda position: 2 * np.pi * position / 2.0**64  # noqa: E731
+    angle = lambda position: np.pi / 2 - 2 * np.pi * position / 2.0**64  # noqa: E731  (0 at the top, clockwise)
     circle = np.linspace(0, 2 * np.pi, 200)
     ax.plot(np.cos(circle), np.sin(circle), color="0.8", lw=1)
     for position, server in ring.points:

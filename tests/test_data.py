@@ -58,6 +58,14 @@ def test_stable_hash_is_the_same_in_another_process_but_python_hash_is_not():
     assert set(owners) <= {0, 1, 2, 3} and len(set(owners)) > 1
 
 
+def test_stable_hash_takes_str_bytes_and_int_keys_only_and_keeps_them_apart():
+    assert len({stable_hash(1), stable_hash("1"), stable_hash(b"1")}) == 3
+    assert stable_hash(np.int64(7)) == stable_hash(7)
+    for key in (object(), 1.5, True, ("a", 1)):
+        with pytest.raises(TypeError, match="keys must be str, bytes or int"):
+            stable_hash(key)
+
+
 @pytest.mark.parametrize("n, size", [(10, 3), (12, 4), (7, 5), (1, 3), (0, 2), (100, 4)])
 def test_epoch_indices_split_one_shuffle_per_epoch(n, size):
     for epoch in range(3):
@@ -89,16 +97,17 @@ def test_sampler_without_shuffle_is_cyclic_and_follows_set_epoch():
 # ----------------------------------------------------------------------------- scatter_rows under mpiexec
 
 SHAPES = [(10, 3), (3,), (0, 2), (7, 0), (13, 2, 2), (2, 5)]  # (3,) and (2, 5): fewer rows than some rank counts
+STRUCTURED = np.dtype([("label", "<i4"), ("weight", "<f8")])  # must arrive with its fields, not as raw bytes
 
 
 def scatter_job(comm):
     """For each shape and dtype, scatter from root 0 and from the last rank; return what each rank got."""
     got = []
     for shape in SHAPES:
-        for dtype in (np.float32, np.int64, np.complex128):
+        for dtype in (np.float32, np.int64, np.complex128, STRUCTURED):
             for root in {0, comm.size - 1}:
                 full = (np.arange(np.prod(shape)).reshape(shape) * 3 - 7).astype(dtype)
-                got.append((shape, np.dtype(dtype).str, root, scatter_rows(comm, full if comm.rank == root else None, root)))
+                got.append((shape, np.dtype(dtype), root, scatter_rows(comm, full if comm.rank == root else None, root)))
     return got
 
 
@@ -115,7 +124,8 @@ def test_scatter_rows_gives_each_rank_exactly_its_block(n):
 
 
 def bad_scatter_job(comm, data_kind):
-    data = {"list": [1, 2, 3], "scalar": np.float64(3.0), "object": np.array([object()] * 4)}[data_kind]
+    data = {"list": [1, 2, 3], "scalar": np.float64(3.0), "0-d": np.array(3.0),
+            "object": np.array([object()] * 4)}[data_kind]
     try:
         scatter_rows(comm, data if comm.rank == 0 else None)
     except TypeError as error:
@@ -124,7 +134,7 @@ def bad_scatter_job(comm, data_kind):
 
 
 @pytest.mark.parametrize("data_kind, message", [("list", "got list"), ("scalar", "at least one dimension"),
-                                                ("object", "not objects")])
+                                                ("0-d", "got a 0-d array"), ("object", "not objects")])
 def test_bad_data_raises_the_same_error_on_every_rank(data_kind, message):
     reports = run(functools.partial(bad_scatter_job, data_kind=data_kind), 3, timeout=60)
     assert len(set(reports)) == 1 and message in reports[0], reports

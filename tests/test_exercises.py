@@ -353,10 +353,48 @@ def scatter_with_row_displacements(comm, data, n, d):
     return mine
 
 
+def scatter_that_broadcasts_only_the_counts(comm, data, n, d):
+    from mpi4py import MPI
+    from syncml_lib.data import block_range
+    counts = comm.bcast([len(block_range(n, comm.size, r)) * d for r in range(comm.size)] if comm.rank == 0 else None)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    mine = np.empty((counts[comm.rank] // d, d))
+    comm.Scatterv([data, counts, starts, MPI.DOUBLE] if comm.rank == 0 else None, mine, root=0)
+    return mine
+
+
+def scatter_on_root_only(comm, data, n, d):
+    """Only root calls the collective: its small sends go out and nobody receives them."""
+    from mpi4py import MPI
+    from syncml_lib.data import block_range
+    blocks = [block_range(n, comm.size, r) for r in range(comm.size)]
+    mine = np.empty((len(blocks[comm.rank]), d))
+    if comm.rank == 0:
+        comm.Scatterv([data, [len(b) * d for b in blocks], [b.start * d for b in blocks], MPI.DOUBLE], mine, root=0)
+    return mine
+
+
+def scatter_with_counts_in_rows(comm, data, n, d):
+    from mpi4py import MPI
+    from syncml_lib.data import block_range
+    blocks = [block_range(n, comm.size, r) for r in range(comm.size)]
+    mine = np.zeros((len(blocks[comm.rank]), d))
+    send = [data, [len(b) for b in blocks], [b.start * d for b in blocks], MPI.DOUBLE] if comm.rank == 0 else None
+    comm.Scatterv(send, mine, root=0)
+    return mine
+
+
 def test_scatter_check_names_a_broadcast_and_wrong_displacements():
-    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: trial 0 \(10 rows of 3 on 4 ranks\): your function "
-                                                 r"called bcast: every rank then receives all 10 rows"):
+    with pytest.raises(checks.CheckFailed, match=r"ranks 2, 3: trial 0 \(10 rows of 3 on 4 ranks\): this rank received "
+                                                 r"240 bytes through bcast: all 10 rows \(240 bytes\), to keep 2"):
         checks.check_scatter_rows(scatter_by_broadcast, n=4)
+    checks.check_scatter_rows(scatter_that_broadcasts_only_the_counts, n=4)   # a small bcast is no broadcast of data
+    with pytest.raises(checks.CheckFailed, match=r"ranks 1, 2, 3: trial 0 .* made the collective calls none on this "
+                                                 r"rank; every rank must call comm.Scatterv .* Ranks \[0\] did call it"):
+        checks.check_scatter_rows(scatter_on_root_only, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: trial 0 .*: the first 3 values of this rank's block are right, "
+                                                 r"value 3 is not: check the counts"):
+        checks.check_scatter_rows(scatter_with_counts_in_rows, n=4)
     with pytest.raises(checks.CheckFailed) as info:
         checks.check_scatter_rows(scatter_with_row_displacements, n=4)
     message = str(info.value)
@@ -381,6 +419,28 @@ def without_padding(n, size, rank, epoch, seed):
 
 def unseeded(n, size, rank, epoch, seed):
     return np.resize(np.random.permutation(n), -(-n // size) * size)[rank::size]
+
+
+def ignores_the_seed(n, size, rank, epoch, seed):
+    return np.resize(np.random.default_rng(epoch).permutation(n), -(-n // size) * size)[rank::size]
+
+
+def seed_plus_epoch(n, size, rank, epoch, seed):
+    return np.resize(np.random.default_rng(seed + epoch).permutation(n), -(-n // size) * size)[rank::size]
+
+
+def pads_with_zeros(n, size, rank, epoch, seed):
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return np.pad(order, (0, -(-n // size) * size - n))[rank::size]
+
+
+def test_sampler_check_catches_seeds_and_padding_that_do_not_vary():
+    with pytest.raises(checks.CheckFailed, match=r"seeds 11 and 12 give the same order .*must depend on the seed"):
+        checks.check_epoch_indices(ignores_the_seed, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"seed 12, epoch 0 gives the same order as seed 11, epoch 1"):
+        checks.check_epoch_indices(seed_plus_epoch, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"the padding repeats items \[0\] in epochs 0 and 1"):
+        checks.check_epoch_indices(pads_with_zeros, n=4)
 
 
 def test_sampler_check_explains_each_classic_mistake():
@@ -416,3 +476,19 @@ def test_ring_check_names_the_case_and_the_rule():
     with pytest.raises(checks.CheckFailed, match=r"key_hash=5, replicas=2\) returned \['a', 'a'\], expected \['a', 'b'\]: "
                                                  r"a server with two points counts once"):
         checks.check_ring_owners(owners_with_repeats, n=4)
+
+
+def wrong_then_right(comm, use_fresh_comm):
+    """In one process, as on the notebook's engines: a check of an answer that leaves messages behind,
+    then a check of the solution."""
+    right = exercise_functions("solution:04_data_storage.ipynb")["scatter_rows"]
+    if use_fresh_comm:
+        return [checks._in_fresh_comm(comm, checks._scatter_rows_on_rank, answer)
+                for answer in (scatter_on_root_only, right)]
+    return [checks._scatter_rows_on_rank(comm, answer) for answer in (scatter_on_root_only, right)]
+
+
+def test_messages_a_wrong_answer_left_behind_do_not_fail_the_next_check():
+    from syncml_lib.mpirun import run
+    reports = run(wrong_then_right, 4, True, timeout=60)
+    assert all(first for first, _ in reports[1:]) and all(second == [] for _, second in reports), reports

@@ -152,6 +152,11 @@ def error_job(comm, case):
             store.crash(5)
         if case == "client raises" and store.index == 1:
             raise ZeroDivisionError("boom")
+        if case == "interrupted" and store.index == 1:
+            raise KeyboardInterrupt("stop")                 # what interrupting a notebook cell raises
+        if case == "unpicklable result":
+            import threading
+            return threading.Lock()
         return "ok"
     try:
         run_kvstore(comm, client, n_servers=2, replicas=2)
@@ -165,6 +170,8 @@ def error_job(comm, case):
     ("object value", "client 0 failed: TypeError: values must be numpy arrays of numbers"),
     ("crash index", "client 0 failed: ValueError: server must be 0 .. 1, got 5"),
     ("client raises", "client 1 failed: ZeroDivisionError: boom"),
+    ("interrupted", "client 1 failed: KeyboardInterrupt: stop"),
+    ("unpicklable result", "client 0 failed: TypeError: cannot pickle '_thread.lock' object"),
 ])
 def test_a_failing_client_ends_the_run_on_every_rank_with_its_error(case, message):
     reports = run(functools.partial(error_job, case=case), 4, timeout=60)
