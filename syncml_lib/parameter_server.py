@@ -359,7 +359,7 @@ def _work(comm, worker, servers, specs, grad_fn, start, steps, t0):
                                 start=began, pulled=pulled, end=time.perf_counter() - t0))
     except _Stop as stop:
         failure = str(stop)
-    except Exception as error:
+    except BaseException as error:  # also KeyboardInterrupt: the servers and other workers must hear of it
         failure = f"worker {worker} failed at step {step}: {type(error).__name__}: {error}"
         for server in servers:
             rpc.call(comm, server, "fail", {"message": failure})

@@ -311,11 +311,15 @@ def failures_job(comm, n_servers):
     def bad_batch(params):
         raise ValueError("bad batch")
 
+    def interrupted(params):
+        raise KeyboardInterrupt("stop")  # what interrupting a notebook cell raises on the engines
+
     cases = {
         "raises bsp": (fails_at(1, 3, bad_batch), {}),
         "raises ssp": (fails_at(1, 3, bad_batch), {"mode": "ssp", "staleness": 1}),
         "raises asp": (fails_at(1, 3, bad_batch), {"mode": "asp"}),
         "raises at once": (fails_at(0, 0, bad_batch), {}),
+        "interrupted": (fails_at(2, 2, interrupted), {}),
         "unknown key": (fails_at(2, 1, lambda params: {**least_squares_grad(params, 2, 1), "w2": np.ones(2)}), {}),
         "wrong shape": (fails_at(0, 2, lambda params: {"w": np.ones(4), "b": np.asarray(0.0)}), {"mode": "asp"}),
         "missing": (fails_at(1, 0, lambda params: {"w": params["w"]}), {}),
@@ -351,6 +355,7 @@ def test_a_raising_grad_fn_ends_the_run_on_every_rank(p, n_servers):
         for case in ("raises bsp", "raises ssp", "raises asp"):
             assert found[case] == ("RuntimeError", "worker 1 failed at step 3: ValueError: bad batch"), case
         assert found["raises at once"] == ("RuntimeError", "worker 0 failed at step 0: ValueError: bad batch")
+        assert found["interrupted"] == ("RuntimeError", "worker 2 failed at step 2: KeyboardInterrupt: stop")
         assert_close(found["afterwards"], sequential(LEAST_SQUARES, least_squares_grad, 3, 0.1, 3))
 
 
