@@ -82,16 +82,21 @@ def _recv_arrays(comm, specs, source, tag):
 IDLE_SLEEP = 1e-5  # seconds between looks of a rank waiting for a message (Linux makes it ~60 us)
 
 
-def _wait_for(comm, source, tag):
+def _wait_for(comm, source, tag, on_idle=None, idle_every=0.01):
     """Return once a message from `source` with `tag` has arrived, sleeping while there is none.
 
     comm.recv alone would wait too, but MPICH waits by spinning: an idle server, or a worker held
     back by the consistency rule, would keep a core busy. With more ranks than cores (4 engines on
     a 2-core laptop) that core is taken from the ranks that have work; in bench.py's parameter
     server this sleeping made a step 1.5-1.8x faster. The cost: up to ~60 us more latency per request.
+    on_idle(), if given, is called every idle_every seconds while nothing comes.
     """
+    next_idle = time.monotonic() + idle_every
     while not comm.Iprobe(source=source, tag=tag):
         time.sleep(IDLE_SLEEP)
+        if on_idle is not None and time.monotonic() >= next_idle:
+            on_idle()
+            next_idle = time.monotonic() + idle_every
 
 
 # ----------------------------------------------------------------------------- client side
@@ -126,20 +131,21 @@ def _reply_error(comm, client, error):
     comm.send((False, {"error": text, "traceback": traceback.format_exc()}, []), dest=client, tag=REPLY)
 
 
-def serve(comm, handlers, clients):
+def serve(comm, handlers, clients, on_idle=None, idle_every=0.01):
     """Answer requests from any rank until every rank in `clients` has sent DONE ("done").
 
     handlers maps a kind to handler(source, header, arrays), which returns (reply_header,
     reply_arrays), or DEFER if it answers with reply(comm, source, ...) itself, now or later (a
     handler may also answer other deferred requests with reply()). Requests are handled one at a
-    time, in the order they arrive. Every request gets exactly one reply.
+    time, in the order they arrive. Every request gets exactly one reply. on_idle(), if given, is called
+    every idle_every seconds while no request comes (a task master checks its deadlines there).
     """
     if DONE in handlers:
         raise ValueError(f"serve: the kind {DONE!r} is reserved for clients that have finished")
     waiting_for = set(clients)
     status = MPI.Status()
     while waiting_for:
-        _wait_for(comm, MPI.ANY_SOURCE, REQUEST)
+        _wait_for(comm, MPI.ANY_SOURCE, REQUEST, on_idle, idle_every)
         kind, header, specs = comm.recv(source=MPI.ANY_SOURCE, tag=REQUEST, status=status)
         source = status.Get_source()
         arrays = _recv_arrays(comm, specs, source, REQUEST_ARRAY)

@@ -1,0 +1,272 @@
+"""Distributed task scheduling: a master hands out tasks, workers run them, nothing is lost.
+
+    result = run_tasks(comm, tasks=list(range(100)), task_fn=lambda t: t * t, schedule="dynamic")
+    result.results           # [0, 1, 4, ...]: task_fn(task) for every task, in task order, on every rank
+    result.trace[0]          # {'task': 0, 'worker': 0, 'start': 0.0002, 'end': 0.0003}
+    result.makespan          # seconds from the start to the last result
+
+Rank 0 is the master, the other ranks are workers (rpc.roles with one server). A worker asks the
+master for work, runs what it got, and asks again with its results, until the master says stop.
+How the master decides who gets which task is the schedule:
+
+    static   before the run, worker w is given block w of the tasks (data.block_range). No choice
+             at run time: one slow worker, or one block of expensive tasks, and everybody waits.
+    cyclic   worker w is given tasks w, w + W, w + 2W, ...: spreads sorted costs, still fixed.
+    dynamic  self-scheduling: a free worker gets the next `chunk` tasks of one queue. The fast do
+             more; the price is one request per chunk.
+    guided   like dynamic, with chunks that shrink: guided_chunk(remaining, W, chunk) = max(chunk,
+             ceil(remaining / W)). Big chunks while much is left, small ones at the end for balance.
+
+Workers that die. MPI ends the whole job when a process dies, so a worker "dies" here by going
+silent: `die={w: n}` makes worker w stop after n tasks, holding the tasks it got next, and never
+report again. The master cannot tell silent from slow. So every hand-out is a lease with a
+deadline (`lease` seconds); when it expires, its unfinished tasks go back to a queue that any
+worker may take from (expired_leases). If the first worker reports after all, its results are
+dropped (record_result): each task may run more than once, and each result counts once. Without
+leases (lease=None) a silent worker's tasks are never done, and run_tasks says which.
+
+Cost: one request and one reply (pickled, small) per hand-out, to and from one master: the master
+serializes them, so tiny tasks want bigger chunks. Tasks and results should be small (they are
+pickled); large data belongs in the data chapter's storage.
+"""
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from . import rpc
+from .allreduce import check_same_on_all_ranks
+from .data import block_range, cyclic_range
+
+__all__ = ["run_tasks", "TaskResult", "SCHEDULES", "guided_chunk", "expired_leases", "record_result"]
+
+SCHEDULES = ("static", "cyclic", "dynamic", "guided")
+
+
+# ----------------------------------------------------------------------------- the three rules of the chapter
+# Small functions the master calls by name, so the chapter's exercises can put a learner's version in
+# their place (checks.py does) and run the whole scheduler with it.
+
+def guided_chunk(remaining, workers, min_chunk):
+    """Guided self-scheduling's chunk: a 1/workers share of what remains, never fewer than min_chunk
+    (and never more than remains)."""
+    return min(remaining, max(min_chunk, math.ceil(remaining / workers)))
+
+
+def expired_leases(leases, now):
+    """The ids of the leases whose deadline has passed. leases maps lease id -> (worker, task ids,
+    deadline); a deadline of None never passes."""
+    return [lease for lease, (_, _, deadline) in leases.items() if deadline is not None and deadline <= now]
+
+
+def record_result(done, task, result):
+    """Keep the first result of each task: store it in `done` (task id -> result) and return True, or
+    return False if the task has one already (a second run, after its lease expired)."""
+    if task in done:
+        return False
+    done[task] = result
+    return True
+
+
+# ----------------------------------------------------------------------------- the master
+
+class _Master:
+    """The queues, the leases and the results; answers "next" (results in, tasks out) and "silent"."""
+
+    def __init__(self, comm, n_tasks, workers, schedule, chunk, lease):
+        self.comm, self.n_tasks, self.workers, self.schedule, self.chunk, self.lease = (
+            comm, n_tasks, workers, schedule, chunk, lease)
+        W = len(workers)
+        self.index = {rank: w for w, rank in enumerate(workers)}  # reports name workers 0 .. W-1, not ranks
+        if schedule == "static":
+            self.own = {rank: deque(block_range(n_tasks, W, w)) for w, rank in enumerate(workers)}
+        elif schedule == "cyclic":
+            self.own = {rank: deque(cyclic_range(n_tasks, W, w)) for w, rank in enumerate(workers)}
+        else:
+            self.own = {rank: deque() for rank in workers}
+        self.shared = deque(range(n_tasks)) if schedule in ("dynamic", "guided") else deque()
+        self.leases, self.next_lease = {}, 0  # lease id -> (worker rank, task ids, deadline)
+        self.done, self.trace, self.duplicates, self.reassigned = {}, [], 0, []
+        self.waiting, self.silent = [], []  # ranks whose "next" is held back; ranks gone silent
+        self.failure = None
+
+    def handlers(self):
+        return {"next": self.next, "silent": self.went_silent}
+
+    def finished(self):
+        return len(self.done) == self.n_tasks or self.failure is not None
+
+    def next(self, source, header, arrays):
+        """A worker reports the results of its last lease and asks for more."""
+        for task, result, start, end in header.get("results", []):
+            if record_result(self.done, task, result):
+                self.trace.append({"task": task, "worker": self.index[source], "start": start, "end": end})
+            else:
+                self.duplicates += 1
+        self.leases.pop(header.get("lease"), None)
+        if header.get("failure") and self.failure is None:
+            self.failure = header["failure"]
+        if self.finished():
+            self.release_everyone()
+            return {"stop": True}, []
+        self.check_leases()
+        return self._answer(source)
+
+    def went_silent(self, source, header, arrays):
+        """A worker that 'died': it will never speak again. The master does not use this to detect
+        anything (a dead process sends nothing); it only keeps the request, to release the process
+        when the run is over."""
+        self.silent.append(source)
+        return rpc.DEFER
+
+    def check_leases(self):
+        """Give the unfinished tasks of every expired lease to whoever asks next; then serve waiters."""
+        for lease in expired_leases(self.leases, time.monotonic()):
+            rank, tasks, _ = self.leases.pop(lease)
+            lost = [t for t in tasks if t not in self.done]
+            self.shared.extend(lost)
+            self.reassigned.extend((t, self.index[rank]) for t in lost)
+        waiting, self.waiting = self.waiting, []
+        for rank in waiting:
+            answer = self._answer(rank)
+            if answer is not rpc.DEFER:
+                rpc.reply(self.comm, rank, *answer)
+
+    def _take(self, rank):
+        """The task ids to hand to worker `rank` now (maybe none)."""
+        own, shared = self.own[rank], self.shared
+        if own:
+            return [own.popleft() for _ in range(min(self.chunk, len(own)))] if self.schedule in ("dynamic", "guided") \
+                else list(_drain(own))
+        if not shared:
+            return []
+        size = guided_chunk(len(shared), len(self.workers), self.chunk) if self.schedule == "guided" else self.chunk
+        return [shared.popleft() for _ in range(min(size, len(shared)))]
+
+    def _answer(self, rank):
+        if self.finished():
+            return {"stop": True}, []
+        tasks = self._take(rank)
+        if not tasks:  # nothing now: wait for results, or for a lease to expire
+            self.waiting.append(rank)
+            return rpc.DEFER
+        deadline = None if self.lease is None else time.monotonic() + self.lease
+        self.leases[self.next_lease] = (rank, tasks, deadline)
+        self.next_lease += 1
+        return {"lease": self.next_lease - 1, "tasks": tasks}, []
+
+    def release_everyone(self):
+        """The run is over: answer every held-back request with stop."""
+        for rank in self.waiting + self.silent:
+            rpc.reply(self.comm, rank, {"stop": True})
+        self.waiting, self.silent = [], []
+
+
+def _drain(queue):
+    while queue:
+        yield queue.popleft()
+
+
+# ----------------------------------------------------------------------------- a worker
+
+def _work(comm, master, index, tasks, task_fn, die_after, t0):
+    """Ask, run, report, until the master says stop. Returns how many tasks this worker ran."""
+    ran, reply = 0, rpc.call(comm, master, "next", {})[0]
+    while not reply.get("stop"):
+        results, failure = [], None
+        for task in reply["tasks"]:
+            if die_after is not None and ran >= die_after:  # "dies": keeps this lease, never reports again
+                rpc.call(comm, master, "silent")             # (returns only when the run is over)
+                rpc.call(comm, master, rpc.DONE)
+                return ran
+            start = time.perf_counter() - t0
+            try:
+                result = task_fn(tasks[task])
+            except BaseException as error:  # also KeyboardInterrupt: the master must hear of it
+                failure = f"worker {index} failed on task {task}: {type(error).__name__}: {error}"
+                break
+            results.append((task, result, start, time.perf_counter() - t0))
+            ran += 1
+        reply = rpc.call(comm, master, "next", {"lease": reply["lease"], "results": results, "failure": failure})[0]
+    rpc.call(comm, master, rpc.DONE)
+    return ran
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+@dataclass
+class TaskResult:
+    """What run_tasks returns, the same on every rank: results (task_fn's value for each task, in task
+    order); trace (one row per counted result: task, worker (0-based among the workers: worker w is
+    rank w + 1), start and end in seconds since a common origin); makespan (the last end); per_worker
+    (results counted for each worker); reassigned ((task, worker whose lease expired) for each task
+    handed out again); duplicates (results dropped because the task had one already)."""
+    results: list
+    trace: list
+    makespan: float
+    per_worker: list
+    reassigned: list
+    duplicates: int
+
+
+def run_tasks(comm, tasks, task_fn, *, schedule="dynamic", chunk=1, lease=None, die=None):
+    """Run task_fn(task) for every task over the ranks of comm (collective); return a TaskResult.
+
+    tasks: the same list on every rank (task_fn gets tasks[i]; results are pickled to the master).
+    schedule: "static", "cyclic", "dynamic" or "guided"; chunk: tasks per hand-out (dynamic), the
+    smallest chunk (guided). lease: seconds a worker may hold tasks before they are handed out again
+    (None: forever). die: {worker index: n}: that worker goes silent after n tasks (a simulated death).
+    If task_fn raises, every rank raises RuntimeError("worker 2 failed on task 7: ..."); if tasks are
+    left undone (a silent worker and no lease), RuntimeError names them.
+    """
+    die = dict(die or {})
+    check_same_on_all_ranks(comm, "run_tasks", n_tasks=len(tasks), schedule=schedule, chunk=chunk, lease=lease,
+                            die=sorted(die.items()))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    if lease is not None and not lease > 0:
+        raise ValueError(f"lease must be a positive number of seconds or None, got {lease!r}")
+    me = rpc.roles(comm, 1)
+    if set(die) - set(range(len(me.workers))):
+        raise ValueError(f"die names workers {sorted(set(die) - set(range(len(me.workers))))}, "
+                         f"but the workers are 0 .. {len(me.workers) - 1}")
+
+    comm.Barrier()
+    t0 = time.perf_counter()
+    if me.is_server:
+        master = _Master(comm, len(tasks), me.workers, schedule, chunk, lease)
+        _serve(comm, master, me.workers)
+        mine = {"done": master.done, "trace": sorted(master.trace, key=lambda row: row["task"]),
+                "reassigned": master.reassigned, "duplicates": master.duplicates, "failure": master.failure}
+    else:
+        _work(comm, 0, me.index, tasks, task_fn, die.get(me.index), t0)
+        mine = None
+    outcome = comm.bcast(mine, root=0)
+    if outcome["failure"]:
+        raise RuntimeError(outcome["failure"])
+    missing = [t for t in range(len(tasks)) if t not in outcome["done"]]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(tasks)} tasks never finished ({missing[:10]}"
+                           f"{' ...' if len(missing) > 10 else ''}): a worker went silent holding them, and "
+                           f"with lease=None they are never handed out again")
+    trace = outcome["trace"]
+    per_worker = [sum(row["worker"] == w for row in trace) for w in range(len(me.workers))]
+    return TaskResult([outcome["done"][t] for t in range(len(tasks))], trace,
+                      max((row["end"] for row in trace), default=0.0), per_worker, outcome["reassigned"],
+                      outcome["duplicates"])
+
+
+def _serve(comm, master, workers):
+    """rpc.serve until every worker has said done. While idle, the master checks its leases. A run that
+    cannot finish (a silent worker holding tasks, and no lease) ends when every worker still speaking
+    is waiting for work: then everyone is released, and run_tasks names the missing tasks."""
+    def idle():
+        master.check_leases()
+        speaking = set(workers) - set(master.silent)
+        stuck = (not master.shared and set(master.waiting) >= speaking
+                 and all(deadline is None for _, _, deadline in master.leases.values()))
+        if master.finished() or stuck:
+            master.release_everyone()
+    rpc.serve(comm, master.handlers(), clients=workers, on_idle=idle)

@@ -1,0 +1,167 @@
+"""scheduler.py: the three rules in process; run_tasks under real mpiexec with 2-5 ranks, every schedule,
+stragglers, silent ("dead") workers with and without leases, failures and bad arguments.
+
+Results are checked against task_fn applied sequentially; assignments against data.block_range and
+cyclic_range. Where timing matters (a straggler, a lease that is too short), the margins are wide: a
+task 50 times slower, a lease 30 times shorter than the task."""
+import functools
+import re
+import time
+
+import pytest
+
+from syncml_lib.data import block_range
+from syncml_lib.mpirun import run
+from syncml_lib.scheduler import expired_leases, guided_chunk, record_result, run_tasks
+
+
+def square(task):
+    return task * task
+
+
+# ----------------------------------------------------------------------------- the rules, in process
+
+def test_guided_chunks_shrink_to_the_minimum_and_cover_everything():
+    remaining, chunks = 100, []
+    while remaining:
+        chunks.append(guided_chunk(remaining, 4, 2))
+        remaining -= chunks[-1]
+    assert chunks[:4] == [25, 19, 14, 11] and sum(chunks) == 100
+    assert chunks == sorted(chunks, reverse=True) and min(chunks) >= 1 and chunks[-2] == 2
+    assert guided_chunk(1, 4, 5) == 1                      # never more than remains
+
+
+def test_expired_leases_and_first_result_wins():
+    leases = {0: (1, [3, 4], 10.0), 1: (2, [5], 20.0), 2: (3, [6], None)}
+    assert expired_leases(leases, 15.0) == [0] and expired_leases(leases, 20.0) == [0, 1]
+    done = {}
+    assert record_result(done, 3, "first") and not record_result(done, 3, "second") and done == {3: "first"}
+
+
+# ----------------------------------------------------------------------------- run_tasks under mpiexec
+
+def schedules_job(comm, n_tasks, chunk):
+    out = {}
+    for schedule in ("static", "cyclic", "dynamic", "guided"):
+        result = run_tasks(comm, list(range(n_tasks)), square, schedule=schedule, chunk=chunk)
+        out[schedule] = (result.results, sorted(row["task"] for row in result.trace),
+                         {row["task"]: row["worker"] for row in result.trace}, result.per_worker)
+    return out
+
+
+@pytest.mark.parametrize("p, n_tasks, chunk", [(2, 7, 1), (3, 0, 1), (3, 1, 2), (4, 2, 1), (4, 30, 3), (5, 13, 1)])
+def test_every_schedule_runs_every_task_once_with_the_right_result(p, n_tasks, chunk):
+    reports = run(schedules_job, p, n_tasks, chunk, timeout=60)
+    assert all(report == reports[0] for report in reports)     # the same result on every rank
+    W = p - 1
+    for schedule, (results, tasks, worker_of, per_worker) in reports[0].items():
+        assert results == [square(t) for t in range(n_tasks)], schedule
+        assert tasks == list(range(n_tasks)), schedule           # each result counted once
+        assert sum(per_worker) == n_tasks and len(per_worker) == W
+        if schedule == "static":
+            assert worker_of == {t: w for w in range(W) for t in block_range(n_tasks, W, w)}
+        if schedule == "cyclic":
+            assert worker_of == {t: t % W for t in range(n_tasks)}
+
+
+def straggler_job(comm, schedule):
+    def task_fn(task):
+        time.sleep(0.05 if comm.rank == 1 else 0.001)          # worker 0 (rank 1) is 50 times slower
+        return task
+    return run_tasks(comm, list(range(60)), task_fn, schedule=schedule).per_worker
+
+
+def test_dynamic_scheduling_gives_a_straggler_fewer_tasks_and_static_does_not():
+    static = run(straggler_job, 4, "static", timeout=60)[0]
+    dynamic = run(straggler_job, 4, "dynamic", timeout=60)[0]
+    assert static == [20, 20, 20]
+    assert dynamic[0] < 10 and sum(dynamic) == 60, dynamic
+
+
+def silent_job(comm, schedule, lease, die):
+    try:
+        result = run_tasks(comm, list(range(24)), square, schedule=schedule, chunk=2, lease=lease, die=die)
+    except RuntimeError as error:
+        return str(error)
+    return result.results, result.per_worker, result.reassigned
+
+
+@pytest.mark.parametrize("schedule", ["static", "dynamic", "guided"])
+def test_with_a_lease_nothing_is_lost_when_a_worker_dies(schedule):
+    reports = run(silent_job, 4, schedule, 0.2, {1: 3}, timeout=60)
+    results, per_worker, reassigned = reports[0]
+    assert results == [square(t) for t in range(24)]
+    assert per_worker[1] <= 3                                   # its tasks after the third were done by others
+    assert reassigned and all(worker == 1 for _, worker in reassigned)
+    assert all(report == reports[0] for report in reports)
+
+
+def test_without_a_lease_a_dead_workers_tasks_are_named_on_every_rank():
+    reports = run(silent_job, 4, "dynamic", None, {0: 0}, timeout=60)   # dies holding its first chunk of 2
+    assert all(re.fullmatch(r"2 of 24 tasks never finished \(\[(\d+), (\d+)\]\): a worker went silent holding "
+                            r"them, and with lease=None they are never handed out again", r) for r in reports), reports
+    first, second = map(int, re.search(r"\[(\d+), (\d+)\]", reports[0]).groups())
+    assert second == first + 1 and first % 2 == 0                     # one chunk of the queue
+
+
+def short_lease_job(comm):
+    def task_fn(task):
+        time.sleep(0.3 if task == 5 else 0.001)
+        return -task
+    result = run_tasks(comm, list(range(20)), task_fn, schedule="dynamic", lease=0.01)
+    return result.results, result.duplicates, result.reassigned
+
+
+def test_a_lease_too_short_runs_a_task_twice_but_counts_it_once():
+    results, duplicates, reassigned = run(short_lease_job, 3, timeout=60)[0]
+    assert results == [-t for t in range(20)]
+    assert (5, 0) in reassigned or (5, 1) in reassigned
+    assert duplicates >= 1
+
+
+def failing_job(comm, error):
+    def task_fn(task):
+        if task == 7:
+            raise error
+        return task
+    try:
+        run_tasks(comm, list(range(12)), task_fn, schedule="dynamic")
+    except RuntimeError as caught:
+        return str(caught)
+    return None
+
+
+@pytest.mark.parametrize("error, text", [(ZeroDivisionError("boom"), "ZeroDivisionError: boom"),
+                                         (KeyboardInterrupt("stop"), "KeyboardInterrupt: stop")])
+def test_a_raising_task_ends_the_run_on_every_rank(error, text):
+    reports = run(failing_job, 4, error, timeout=60)
+    assert all(r is not None and r.startswith("worker ") and r.endswith(f"failed on task 7: {text}")
+               for r in reports), reports
+
+
+def bad_arguments_job(comm, kwargs):
+    try:
+        run_tasks(comm, list(range(5)), square, **kwargs)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "fifo"}, "unknown schedule 'fifo'; valid schedules are static, cyclic, dynamic, guided"),
+    ({"chunk": 0}, "chunk must be a positive integer, got 0"),
+    ({"lease": -1}, "lease must be a positive number of seconds or None, got -1"),
+    ({"die": {5: 1}}, "die names workers [5], but the workers are 0 .. 2"),
+])
+def test_bad_arguments_fail_on_every_rank(kwargs, message):
+    assert run(functools.partial(bad_arguments_job, kwargs=kwargs), 4, timeout=60) == [message] * 4
+
+
+def test_ranks_that_disagree_all_hear_it():
+    def job(comm):
+        try:
+            run_tasks(comm, list(range(5)), square, chunk=2 if comm.rank == 2 else 1)
+        except ValueError as error:
+            return str(error)
+    reports = run(job, 3, timeout=60)
+    assert all("chunks differ across ranks: 1 on ranks 0, 1; 2 on rank 2" in r for r in reports), reports
