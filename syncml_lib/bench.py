@@ -22,17 +22,18 @@ ratio with costmodel.predict_ps / predict("ring"), under costmodel.DEFAULT_PARAM
 constants calibrated in the same run (see predict_ps_row).
 """
 import argparse
+import functools
 import os
 import sys
 import time
 
-# In `ps` (and `data`), a parameter server's ranks (a key-value store's) wait for requests and replies asleep (rpc.py), but inside an MPI
+# In `ps` (and `data`, `tasks`), a parameter server's ranks (a key-value store's, a task master's) wait for requests and replies asleep (rpc.py), but inside an MPI
 # call (a big array under way, an allreduce among the workers) MPICH waits by spinning. With more ranks
 # than cores that takes the cores from the ranks that have work, unless MPICH's progress throttle makes
 # an idle rank yield; the course's engines and mpirun turn it on for the same reason.
 # MPICH reads it when MPI starts, that is when mpi4py.MPI is imported: so here, before that import.
 # (`allreduce` runs without it: every rank there is busy, and its tables were measured so.)
-if sys.argv[1:2] in (["ps"], ["data"]):
+if sys.argv[1:2] in (["ps"], ["data"], ["tasks"]):
     os.environ.setdefault("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "1")
 
 import numpy as np  # noqa: E402
@@ -43,6 +44,7 @@ from .allreduce import ALGORITHMS, allreduce, ring_allreduce
 from .data import block_range, scatter_rows
 from .kvstore import run_kvstore
 from .parameter_server import run_parameter_server
+from .scheduler import run_tasks
 
 DEFAULT_SIZES = ["8", "64", "1K", "8K", "64K", "1M", "8M", "64M"]
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
@@ -434,6 +436,61 @@ def main_data(args):
         print_data_table(rows, comm.size)
 
 
+# ----------------------------------------------------------------------------- task scheduling
+
+TASK_SCHEDULES = [("static", 1), ("cyclic", 1), ("dynamic", 1), ("dynamic", 16), ("guided", 1)]
+
+
+def _sleep_task(seconds):
+    if seconds:
+        time.sleep(seconds)
+    return seconds
+
+
+def time_tasks(comm, n_tasks, seconds, repeat):
+    """{name: seconds} of running n_tasks tasks of `seconds` each over the workers (ranks 1..p-1):
+    with MPI's own pickle-based scatter and gather (a static block schedule, rank 0 only hands out and
+    collects) and with run_tasks under each schedule of TASK_SCHEDULES."""
+    tasks = [seconds] * n_tasks
+    workers = comm.size - 1
+
+    def mpi_scatter_gather():
+        blocks = [[]] + [tasks[b.start:b.stop] for b in (block_range(n_tasks, workers, w) for w in range(workers))]
+        mine = comm.scatter(blocks if comm.rank == 0 else None, root=0)
+        results = comm.gather([_sleep_task(t) for t in mine], root=0)
+        return results
+
+    calls = {"MPI scatter + gather": mpi_scatter_gather}
+    for schedule, chunk in TASK_SCHEDULES:
+        calls[f"{schedule}, chunk {chunk}"] = functools.partial(run_tasks, comm, tasks, _sleep_task,
+                                                                schedule=schedule, chunk=chunk)
+    return time_calls(comm, calls, repeat)
+
+
+def print_tasks_table(rows, p):
+    names = ["MPI scatter + gather"] + [f"{s}, chunk {c}" for s, c in TASK_SCHEDULES]
+    print(f"task scheduling on {p} ranks (1 master, {p - 1} workers): median of the slowest rank's time for the "
+          f"whole run (ratio to MPI's scatter + gather of the same tasks, a static schedule)")
+    print_table(["tasks", "task time", *names], [[row["n_tasks"], format_time(row["seconds"]) if row["seconds"] else "0"]
+                                                 + [f"{format_time(row[n])} ({row[n] / row[names[0]]:.2f}x)" for n in names]
+                                                 for row in rows])
+    for row in rows:
+        if not row["seconds"]:
+            per = (row["dynamic, chunk 1"] - row["MPI scatter + gather"]) / row["n_tasks"]
+            print(f"\n{row['n_tasks']} empty tasks: dynamic scheduling costs about {format_time(per)} more per "
+                  f"hand-out than the scatter (one request and one reply through the master)")
+
+
+def main_tasks(args):
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        raise SystemExit("bench tasks needs at least 2 ranks (a master and a worker)")
+    rows = [dict(n_tasks=args.tasks, seconds=seconds, **time_tasks(comm, args.tasks, seconds, repeat))
+            for seconds, repeat in ((0.0, args.repeat), (1e-3, max(3, args.repeat // 5)))]
+    if comm.rank == 0:
+        print_tasks_table(rows, comm.size)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -466,6 +523,12 @@ def main(argv=None):
     data_parser.add_argument("--repeat", type=int, default=100,
                              help="repeats per measurement, fewer for large sizes (default: 100)")
     data_parser.set_defaults(main=main_data)
+
+    tasks_parser = commands.add_parser("tasks", help="the task master against MPI's scatter and gather")
+    tasks_parser.add_argument("--tasks", type=int, default=300, help="tasks per run (default: 300)")
+    tasks_parser.add_argument("--repeat", type=int, default=15,
+                              help="runs per measurement of empty tasks, a fifth of it for 1 ms tasks (default: 15)")
+    tasks_parser.set_defaults(main=main_tasks)
 
     # Other benchmarks add their subparser here, with a main_<name>(args) function in their own
     # section above.

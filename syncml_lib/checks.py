@@ -19,7 +19,8 @@ from . import mpirun
 
 __all__ = ["CheckFailed", "run_on_ranks", "check_global_mean", "check_ring_reduce_scatter", "check_ring_allgather",
            "check_recursive_doubling", "check_ssp_rule", "check_momentum", "check_shard", "check_scatter_rows",
-           "check_epoch_indices", "check_ring_owners"]
+           "check_epoch_indices", "check_ring_owners", "check_guided_chunk", "check_expired_leases",
+           "check_record_result"]
 
 
 class CheckFailed(AssertionError):
@@ -844,3 +845,143 @@ def check_ring_owners(ring_owners, view=None, n=4, timeout=60):
     __tracebackhide__ = True
     reports = run_on_ranks(_ring_owners_on_rank, ring_owners, view=view, n=n, timeout=timeout)
     _report("check_ring_owners", reports)
+
+
+# ---------------------------------------------------------------- chapter 05: the task master's rules
+
+def _tasks_run_with(comm, name, learner, **run_args):
+    """A real run_tasks (40 tasks, task_fn = square) with the learner's function in place of
+    scheduler.<name>; a problem text, or None if every result came back right."""
+    from . import scheduler
+
+    try:
+        with _in_place_of(scheduler, name, learner):
+            result = scheduler.run_tasks(comm, list(range(40)), _square, **run_args)
+    except Exception as exc:
+        return f"a real run_tasks({', '.join(f'{k}={v!r}' for k, v in run_args.items())}) with your function " \
+               f"failed: {type(exc).__name__}: {exc}"
+    wrong = [t for t, r in enumerate(result.results) if r != _square(t)]
+    counted = sorted(row["task"] for row in result.trace)
+    if wrong:
+        return f"a real run_tasks with your function returned a wrong result for task {wrong[0]}"
+    if counted != list(range(40)):
+        return f"a real run_tasks with your function counted {len(counted)} results for 40 tasks"
+    return None
+
+
+def _square(task):
+    return task * task
+
+
+def _table_then_run(comm, learner, cases, describe, name, **run_args):
+    """Each rank checks the cases (call(learner) -> (got, expected, why)), then all run the scheduler."""
+    problems = []
+    for case in cases:
+        got, error, expected, why = case(learner)
+        if error:
+            problems.append(f"{describe(case)}: your function {error}")
+        elif got != expected:
+            problems.append(f"{describe(case)} returned {got!r}, expected {expected!r}: {why}")
+        if problems:
+            break
+    if _anyone(comm, problems) or comm.size < 2:
+        return problems
+    problem = _tasks_run_with(comm, name, learner, **run_args)
+    return [problem] if problem else []
+
+
+def _case(args, expected, why, fn_args=None):
+    def case(learner):
+        got, error = _call(learner, *(fn_args() if fn_args else args))
+        return got, error, expected, why
+    case.args = args
+    return case
+
+
+GUIDED_CASES = (  # (remaining, workers, min_chunk), expected, why
+    ((100, 4, 1), 25, "a quarter of the 100 left: ceil(100 / 4)"),
+    ((10, 4, 1), 3, "ceil(10 / 4) = 3: round up, or the last tasks come one at a time"),
+    ((6, 4, 2), 2, "ceil(6 / 4) = 2"),
+    ((3, 4, 2), 2, "ceil(3 / 4) = 1 is below min_chunk = 2"),
+    ((1, 4, 5), 1, "never more than remains: only 1 task is left"),
+    ((0, 3, 1), 0, "nothing left: 0"),
+)
+
+
+def _guided_on_rank(comm, guided_chunk):
+    cases = [_case(args, expected, why) for args, expected, why in GUIDED_CASES]
+    return _table_then_run(comm, guided_chunk, cases, lambda c: f"guided_chunk{c.args}", "guided_chunk",
+                           schedule="guided", chunk=1)
+
+
+def check_guided_chunk(guided_chunk, view=None, n=4, timeout=60):
+    """guided_chunk(remaining, workers, min_chunk) must be max(min_chunk, ceil(remaining / workers)), capped
+    at remaining."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_guided_on_rank, guided_chunk, view=view, n=n, timeout=timeout)
+    _report("check_guided_chunk", reports)
+
+
+LEASES = {0: (1, [3, 4], 10.0), 1: (2, [5], 20.0), 2: (3, [6], None), 3: (1, [7], 12.5)}
+EXPIRY_CASES = (
+    (5.0, [], "no deadline has passed at time 5"),
+    (10.0, [0], "a deadline equal to now has passed (deadline <= now)"),
+    (15.0, [0, 3], "leases 0 (deadline 10) and 3 (12.5) have passed"),
+    (1e9, [0, 1, 3], "lease 2 has no deadline (None): it never expires"),
+)
+
+
+def _expiry_on_rank(comm, expired_leases):
+    cases = []
+    for now, expected, why in EXPIRY_CASES:
+        case = _case((now,), expected, why, fn_args=lambda now=now: (dict(LEASES), now))
+        cases.append(case)
+
+    def normalize(learner):
+        def sorted_result(leases, now):
+            got = learner(leases, now)
+            return sorted(got) if isinstance(got, (list, tuple, set)) else got
+        return sorted_result
+
+    problems = _table_then_run(comm, normalize(expired_leases), cases,
+                               lambda c: f"expired_leases(leases={LEASES}, now={c.args[0]})", "expired_leases",
+                               schedule="dynamic", chunk=2, lease=0.2, die={0: 3} if comm.size > 2 else None)
+    return problems
+
+
+def check_expired_leases(expired_leases, view=None, n=4, timeout=60):
+    """expired_leases(leases, now) must list the leases whose deadline is not None and <= now."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_expiry_on_rank, expired_leases, view=view, n=n, timeout=timeout)
+    _report("check_expired_leases", reports)
+
+
+def _record_on_rank(comm, record_result):
+    problems = []
+    done = {}
+    for step, (task, result, expected_return, expected_done, why) in enumerate((
+            (3, "first", True, {3: "first"}, "task 3 had no result: store it and return True"),
+            (4, 0, True, {3: "first", 4: 0}, "a result of 0 is a result too"),
+            (3, "second", False, {3: "first", 4: 0}, "task 3 has a result already: keep the first, return False"))):
+        got, error = _call(record_result, done, task, result)
+        call = f"call {step + 1}, record_result(done, {task}, {result!r})"
+        if error:
+            problems.append(f"{call}: your function {error}")
+        elif got != expected_return:
+            problems.append(f"{call} returned {got!r}, expected {expected_return}: {why}")
+        elif done != expected_done:
+            problems.append(f"{call} left done = {done}, expected {expected_done}: {why}")
+        if problems:
+            break
+    if _anyone(comm, problems) or comm.size < 2:
+        return problems
+    # a lease much shorter than a task: tasks run twice, and each result must count once
+    problem = _tasks_run_with(comm, "record_result", record_result, schedule="dynamic", chunk=8, lease=1e-4)
+    return [problem] if problem else []
+
+
+def check_record_result(record_result, view=None, n=4, timeout=60):
+    """record_result(done, task, result) must keep the first result of each task and say whether it was new."""
+    __tracebackhide__ = True
+    reports = run_on_ranks(_record_on_rank, record_result, view=view, n=n, timeout=timeout)
+    _report("check_record_result", reports)

@@ -200,13 +200,15 @@ class TaskResult:
     order); trace (one row per counted result: task, worker (0-based among the workers: worker w is
     rank w + 1), start and end in seconds since a common origin); makespan (the last end); per_worker
     (results counted for each worker); reassigned ((task, worker whose lease expired) for each task
-    handed out again); duplicates (results dropped because the task had one already)."""
+    handed out again); duplicates (results dropped because the task had one already); handouts (how
+    many times the master handed out tasks: one request and one reply each)."""
     results: list
     trace: list
     makespan: float
     per_worker: list
     reassigned: list
     duplicates: int
+    handouts: int
 
 
 def run_tasks(comm, tasks, task_fn, *, schedule="dynamic", chunk=1, lease=None, die=None):
@@ -239,7 +241,8 @@ def run_tasks(comm, tasks, task_fn, *, schedule="dynamic", chunk=1, lease=None, 
         master = _Master(comm, len(tasks), me.workers, schedule, chunk, lease)
         _serve(comm, master, me.workers)
         mine = {"done": master.done, "trace": sorted(master.trace, key=lambda row: row["task"]),
-                "reassigned": master.reassigned, "duplicates": master.duplicates, "failure": master.failure}
+                "reassigned": master.reassigned, "duplicates": master.duplicates, "failure": master.failure,
+                "handouts": master.next_lease}
     else:
         _work(comm, 0, me.index, tasks, task_fn, die.get(me.index), t0)
         mine = None
@@ -255,18 +258,19 @@ def run_tasks(comm, tasks, task_fn, *, schedule="dynamic", chunk=1, lease=None, 
     per_worker = [sum(row["worker"] == w for row in trace) for w in range(len(me.workers))]
     return TaskResult([outcome["done"][t] for t in range(len(tasks))], trace,
                       max((row["end"] for row in trace), default=0.0), per_worker, outcome["reassigned"],
-                      outcome["duplicates"])
+                      outcome["duplicates"], outcome["handouts"])
 
 
 def _serve(comm, master, workers):
     """rpc.serve until every worker has said done. While idle, the master checks its leases. A run that
-    cannot finish (a silent worker holding tasks, and no lease) ends when every worker still speaking
-    is waiting for work: then everyone is released, and run_tasks names the missing tasks."""
+    cannot finish (a silent worker holding tasks and no lease, or no worker left speaking) ends when
+    every worker still speaking is waiting for work: then everyone is released, and run_tasks names
+    the missing tasks."""
     def idle():
         master.check_leases()
         speaking = set(workers) - set(master.silent)
-        stuck = (not master.shared and set(master.waiting) >= speaking
-                 and all(deadline is None for _, _, deadline in master.leases.values()))
+        stuck = not speaking or (not master.shared and set(master.waiting) >= speaking
+                                 and all(deadline is None for _, _, deadline in master.leases.values()))
         if master.finished() or stuck:
             master.release_everyone()
     rpc.serve(comm, master.handlers(), clients=workers, on_idle=idle)

@@ -3,7 +3,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 __all__ = ["plot_rank_buffers", "plot_messages", "plot_timeline", "plot_parameter_server", "plot_worker_steps",
-           "plot_owners", "plot_hash_ring"]
+           "plot_owners", "plot_hash_ring", "plot_task_timeline"]
 
 
 def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis"):
@@ -170,4 +170,23 @@ def plot_hash_ring(ring, keys=(), replicas=1, ax=None):
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_aspect("equal")
     ax.axis("off")
+    return ax
+
+
+def plot_task_timeline(trace, n_workers, title=None, ax=None, reassigned=()):
+    """One row per worker, one bar per task it ran (from scheduler.TaskResult.trace), coloured by task
+    number; tasks in `reassigned` (handed out again after a lease expired) are outlined in red."""
+    ax = ax or plt.gca()
+    colours = plt.get_cmap("viridis")
+    n_tasks = max((row["task"] for row in trace), default=0) + 1
+    again = set(reassigned)
+    for row in trace:
+        ax.barh(row["worker"], 1000 * (row["end"] - row["start"]), left=1000 * row["start"], height=0.7,
+                color=colours(row["task"] / max(n_tasks - 1, 1)), edgecolor="red" if row["task"] in again else "white",
+                linewidth=1.5 if row["task"] in again else 0.5)
+    ax.set_yticks(range(n_workers), [f"worker {w}" for w in range(n_workers)])
+    ax.set_ylim(n_workers - 0.5, -0.5)
+    ax.set_xlabel("milliseconds (a bar: one task, coloured by its number)")
+    if title:
+        ax.set_title(title, fontsize=10)
     return ax

@@ -73,3 +73,12 @@ def test_the_data_benchmark_prints_both_tables():
         assert len(rows) == 2, out                                   # one in each table
         assert all(line.count("x)") == len(line.split("|")) - 1 for line in rows), rows
         assert all("(1.00x)" in line.split("|")[1] for line in rows), rows  # the first column is the reference
+
+
+def test_the_tasks_benchmark_prints_a_row_per_task_time():
+    proc = run_script(["-m", "syncml_lib.bench", "tasks", "--tasks", "12", "--repeat", "3"], n=3, timeout=120)
+    out = proc.stdout
+    rows = [line for line in out.splitlines() if line.strip().startswith("12 |")]
+    assert len(rows) == 2, out                                       # empty tasks, then 1 ms tasks
+    assert all(line.count("x)") == 6 and "(1.00x)" in line.split("|")[2] for line in rows), rows
+    assert "per hand-out" in out

@@ -492,3 +492,37 @@ def test_messages_a_wrong_answer_left_behind_do_not_fail_the_next_check():
     from syncml_lib.mpirun import run
     reports = run(wrong_then_right, 4, True, timeout=60)
     assert all(first for first, _ in reports[1:]) and all(second == [] for _, second in reports), reports
+
+
+# ---------------------------------------------------------------- chapter 05
+
+CH05 = [("guided_chunk", checks.check_guided_chunk), ("expired_leases", checks.check_expired_leases),
+        ("record_result", checks.check_record_result)]
+
+
+@pytest.mark.parametrize("name, check", CH05, ids=[name for name, _ in CH05])
+def test_task_scheduling_checks_pass_the_solutions(name, check):
+    solution = exercise_functions("solution:05_task_scheduling.ipynb")[name]
+    for n in (2, 4):
+        check(solution, n=n)
+
+
+@pytest.mark.parametrize("name, check", CH05, ids=[name for name, _ in CH05])
+def test_task_scheduling_checks_fail_the_stubs(name, check):
+    stub = exercise_functions("exercise:05_task_scheduling.ipynb")[name]
+    with pytest.raises(checks.CheckFailed, match="ranks 0, 1, 2: .*NotImplementedError: the exercise is not written yet"):
+        check(stub, n=3)
+
+
+def test_task_checks_explain_the_classic_mistakes():
+    import math
+    with pytest.raises(checks.CheckFailed, match=r"guided_chunk\(10, 4, 1\) returned 2, expected 3: ceil\(10 / 4\) = 3"):
+        checks.check_guided_chunk(lambda remaining, workers, least: min(remaining, max(least, remaining // workers)), n=3)
+    with pytest.raises(checks.CheckFailed, match=r"guided_chunk\(1, 4, 5\) returned 5, expected 1: never more than remains"):
+        checks.check_guided_chunk(lambda remaining, workers, least: max(least, math.ceil(remaining / workers)), n=3)
+    with pytest.raises(checks.CheckFailed, match=r"now=10.0\) returned \[\], expected \[0\]: a deadline equal to now"):
+        checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items() if d is not None and d < now], n=3)
+    with pytest.raises(checks.CheckFailed, match=r"now=5.0\) returned \[2\], expected \[\]"):
+        checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items() if (d or 0) <= now], n=3)
+    with pytest.raises(checks.CheckFailed, match=r"call 3, record_result\(done, 3, 'second'\) returned True, expected False"):
+        checks.check_record_result(lambda done, task, result: done.__setitem__(task, result) or True, n=3)

@@ -165,3 +165,8 @@ def test_ranks_that_disagree_all_hear_it():
             return str(error)
     reports = run(job, 3, timeout=60)
     assert all("chunks differ across ranks: 1 on ranks 0, 1; 2 on rank 2" in r for r in reports), reports
+
+
+def test_when_every_worker_dies_the_run_ends_and_names_what_is_missing():
+    reports = run(silent_job, 3, "dynamic", 0.05, {0: 1, 1: 2}, timeout=60)
+    assert all(r.startswith("of 24 tasks never finished", r.index(" ") + 1) for r in reports), reports
