@@ -131,7 +131,13 @@ def run(fn, n, *args, timeout=60, **kwargs):
         start = time.perf_counter()
         saved = lambda: all((job / f"rank{r}.result").exists() for r in range(n))  # noqa: E731
         proc, timed_out = _launch(cmd, timeout, finished=saved)
+        if timed_out and not any(job.glob("rank*.started")):
+            # No rank got past MPI's start-up: the job never ran, so this says nothing about fn. It has
+            # happened, rarely, on a loaded 2-core machine; try once more before calling it a failure.
+            warnings.warn(f"no rank of `{' '.join(cmd[-3:])}` started within {timeout}s: running it again")
+            proc, timed_out = _launch(cmd, timeout, finished=saved)
         elapsed = time.perf_counter() - start
+        never_started = timed_out and not any(job.glob("rank*.started"))
 
         results, failures, missing = {}, {}, []
         for rank in range(n):
@@ -147,7 +153,9 @@ def run(fn, n, *args, timeout=60, **kwargs):
     killed_after_success = not failures and not missing and not timed_out and proc.returncode == -signal.SIGKILL
     if (failures or missing or timed_out or proc.returncode != 0) and not killed_after_success:
         lines = [f"{name} on {n} ranks failed after {elapsed:.1f}s:"]
-        if timed_out:
+        if never_started:
+            lines.append(f"  no rank started within {timeout}s, twice: MPI itself did not start; the job was killed.")
+        elif timed_out:
             lines.append(f"  timed out after {timeout}s (a deadlock, or too slow); the job was killed.")
         for rank, tb in sorted(failures.items()):
             lines.append(f"  rank {rank} raised:\n" + _tail(tb))
@@ -184,6 +192,7 @@ def _rank_main(job):
 
     comm = MPI.COMM_WORLD
     job = Path(job)
+    (job / f"rank{comm.rank}.started").touch()
     try:
         fn, args, kwargs = pickle.loads((job / "job.pkl").read_bytes())
         result = fn(comm, *args, **kwargs)
