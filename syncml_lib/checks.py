@@ -873,29 +873,22 @@ def _square(task):
     return task * task
 
 
-def _table_then_run(comm, learner, cases, describe, name, **run_args):
-    """Each rank checks the cases (call(learner) -> (got, expected, why)), then all run the scheduler."""
+def _table_then_run(comm, learner, cases, describe, name, normalize=lambda got: got, **run_args):
+    """Each rank tries the learner on the cases ((args, expected, why); describe(args) names the call),
+    then all ranks run the scheduler with the learner's function in place of scheduler.<name>."""
     problems = []
-    for case in cases:
-        got, error, expected, why = case(learner)
+    for args, expected, why in cases:
+        got, error = _call(learner, *args)
         if error:
-            problems.append(f"{describe(case)}: your function {error}")
-        elif got != expected:
-            problems.append(f"{describe(case)} returned {got!r}, expected {expected!r}: {why}")
+            problems.append(f"{describe(args)}: your function {error}")
+        elif normalize(got) != expected:
+            problems.append(f"{describe(args)} returned {normalize(got)!r}, expected {expected!r}: {why}")
         if problems:
             break
     if _anyone(comm, problems) or comm.size < 2:
         return problems
     problem = _tasks_run_with(comm, name, learner, **run_args)
     return [problem] if problem else []
-
-
-def _case(args, expected, why, fn_args=None):
-    def case(learner):
-        got, error = _call(learner, *(fn_args() if fn_args else args))
-        return got, error, expected, why
-    case.args = args
-    return case
 
 
 GUIDED_CASES = (  # (remaining, workers, min_chunk), expected, why
@@ -909,8 +902,7 @@ GUIDED_CASES = (  # (remaining, workers, min_chunk), expected, why
 
 
 def _guided_on_rank(comm, guided_chunk):
-    cases = [_case(args, expected, why) for args, expected, why in GUIDED_CASES]
-    return _table_then_run(comm, guided_chunk, cases, lambda c: f"guided_chunk{c.args}", "guided_chunk",
+    return _table_then_run(comm, guided_chunk, GUIDED_CASES, lambda args: f"guided_chunk{args}", "guided_chunk",
                            schedule="guided", chunk=1)
 
 
@@ -932,21 +924,10 @@ EXPIRY_CASES = (
 
 
 def _expiry_on_rank(comm, expired_leases):
-    cases = []
-    for now, expected, why in EXPIRY_CASES:
-        case = _case((now,), expected, why, fn_args=lambda now=now: (dict(LEASES), now))
-        cases.append(case)
-
-    def normalize(learner):
-        def sorted_result(leases, now):
-            got = learner(leases, now)
-            return sorted(got) if isinstance(got, (list, tuple, set)) else got
-        return sorted_result
-
-    problems = _table_then_run(comm, normalize(expired_leases), cases,
-                               lambda c: f"expired_leases(leases={LEASES}, now={c.args[0]})", "expired_leases",
-                               schedule="dynamic", chunk=2, lease=0.2, die={0: 3} if comm.size > 2 else None)
-    return problems
+    cases = [((dict(LEASES), now), expected, why) for now, expected, why in EXPIRY_CASES]
+    return _table_then_run(comm, expired_leases, cases, lambda args: f"expired_leases(leases={LEASES}, now={args[1]})",
+                           "expired_leases", normalize=lambda got: sorted(got) if isinstance(got, (list, tuple, set))
+                           else got, schedule="dynamic", chunk=2, lease=0.2, die={0: 3} if comm.size > 2 else None)
 
 
 def check_expired_leases(expired_leases, view=None, n=4, timeout=60):
