@@ -34,41 +34,16 @@ import functools
 import numpy as np
 
 from . import costmodel
+from .rpc import check_same_on_all_ranks
 
 __all__ = ["allreduce", "naive_allreduce", "tree_allreduce", "recursive_doubling_allreduce",
            "ring_allreduce", "ring_reduce_scatter", "ring_allgather", "rabenseifner_allreduce",
-           "check_same_on_all_ranks", "OPS", "ALGORITHMS"]
+           "OPS", "ALGORITHMS"]
 
 OPS = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
 
 
 # ----------------------------------------------------------------------------- checking the input
-
-def check_same_on_all_ranks(comm, name, **fields):
-    """Raise ValueError on every rank unless every rank passed equal values for each field.
-
-        check_same_on_all_ranks(comm, "allreduce", shape=x.shape, dtype=str(x.dtype))
-
-    Costs one small pickle-based allgather; the values should be small and compare with == to a
-    bool (tuples, strings, numbers). The message names each distinct value and the ranks that had
-    it, e.g. "allreduce: shapes differ across ranks: (4,) on ranks 0, 1, 3; (5,) on rank 2".
-    """
-    everyone = comm.allgather(fields)
-    problems = []
-    for key in fields:
-        values = [theirs[key] for theirs in everyone]
-        if all(value == values[0] for value in values):
-            continue
-        groups = {}  # value -> ranks that have it, in order of first appearance
-        for rank, value in enumerate(values):
-            groups.setdefault(repr(value), []).append(rank)
-        described = "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-                              for value, ranks in groups.items())
-        plural = key if key.endswith("s") else key + "s"
-        problems.append(f"{name}: {plural} differ across ranks: {described}")
-    if problems:
-        raise ValueError("\n".join(problems))
-
 
 def _check(x, op):
     """Raise TypeError or ValueError if this rank's x or op cannot be reduced; return op's ufunc."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rpc
-from .allreduce import check_same_on_all_ranks
+from .rpc import check_same_on_all_ranks
 from .data import stable_hash
 
 __all__ = ["ring_owners", "HashRing", "KVClient", "KVResult", "KeyUnavailable", "run_kvstore"]

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from . import rpc
-from .allreduce import check_same_on_all_ranks
+from .rpc import check_same_on_all_ranks
 
 __all__ = ["ParameterStore", "run_parameter_server", "ParameterServerResult", "check_gradients",
            "may_read", "momentum_update", "shard", "MODES", "OPTIMIZERS"]

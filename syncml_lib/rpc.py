@@ -33,7 +33,8 @@ from collections import namedtuple
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["serve", "call", "reply", "roles", "Roles", "RemoteError", "DEFER", "DONE"]
+__all__ = ["serve", "call", "reply", "roles", "Roles", "check_same_on_all_ranks", "wait_sleeping", "RemoteError",
+           "DEFER", "DONE"]
 
 REQUEST, REQUEST_ARRAY, REPLY, REPLY_ARRAY = 7301, 7302, 7303, 7304  # tags, away from the default 0
 DONE = "done"  # the kind a client sends when it has no more requests
@@ -80,6 +81,13 @@ def _recv_arrays(comm, specs, source, tag):
 
 
 IDLE_SLEEP = 1e-5  # seconds between looks of a rank waiting for a message (Linux makes it ~60 us)
+
+
+def wait_sleeping(request):
+    """Wait for a nonblocking MPI request (comm.Ibarrier(), comm.Isend(...)) asleep between looks,
+    instead of spinning inside MPI: a rank that waits leaves its core to the ranks that have work."""
+    while not request.Test():
+        time.sleep(IDLE_SLEEP)
 
 
 def _wait_for(comm, source, tag, on_idle=None, idle_every=0.01):
@@ -191,3 +199,29 @@ def roles(comm, n_servers):
     is_server = comm.rank < n_servers
     index = comm.rank if is_server else comm.rank - n_servers
     return Roles(is_server, index, servers, workers)
+
+
+def check_same_on_all_ranks(comm, name, **fields):
+    """Raise ValueError on every rank unless every rank passed equal values for each field.
+
+        check_same_on_all_ranks(comm, "allreduce", shape=x.shape, dtype=str(x.dtype))
+
+    Costs one small pickle-based allgather; the values should be small and compare with == to a
+    bool (tuples, strings, numbers). The message names each distinct value and the ranks that had
+    it, e.g. "allreduce: shapes differ across ranks: (4,) on ranks 0, 1, 3; (5,) on rank 2".
+    """
+    everyone = comm.allgather(fields)
+    problems = []
+    for key in fields:
+        values = [theirs[key] for theirs in everyone]
+        if all(value == values[0] for value in values):
+            continue
+        groups = {}  # value -> ranks that have it, in order of first appearance
+        for rank, value in enumerate(values):
+            groups.setdefault(repr(value), []).append(rank)
+        described = "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+                              for value, ranks in groups.items())
+        plural = key if key.endswith("s") else key + "s"
+        problems.append(f"{name}: {plural} differ across ranks: {described}")
+    if problems:
+        raise ValueError("\n".join(problems))

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from . import rpc
-from .allreduce import check_same_on_all_ranks
+from .rpc import check_same_on_all_ranks
 from .data import block_range, cyclic_range
 
 __all__ = ["run_tasks", "TaskResult", "SCHEDULES", "guided_chunk", "expired_leases", "record_result"]
