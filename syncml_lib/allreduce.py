@@ -164,12 +164,22 @@ def tree_allreduce(comm, x, op="sum"):
 
 # ----------------------------------------------------------------------------- recursive doubling
 
+@functools.cache
+def _fold_plan(p):
+    """How p ranks become q = 2^floor(log2 p): (q, extra, survivors). The first 2 * extra ranks pair
+    up, even rank r folding into odd rank r + 1; survivors[i] is the rank that plays number i of the
+    q ranks left. When p is a power of two: (p, 0, (0, 1, ..., p-1))."""
+    q = 1 << (p.bit_length() - 1)
+    extra = p - q
+    return q, extra, tuple(2 * i + 1 if i < extra else i + extra for i in range(q))
+
+
 def _fold_in(comm, mine, out, op):
-    """Make the number of ranks a power of two, q = 2^floor(log2 p): the first p - q even ranks
-    send their data to the odd rank after them, which reduces it into out, and sit out.
+    """Make the number of ranks a power of two (_fold_plan): the first `extra` even ranks send their
+    data to the odd rank after them, which reduces it into out, and sit out.
     Returns where this rank's data is now (mine, or out), or None on the ranks that sit out."""
-    rank, p = comm.rank, comm.size
-    extra = p - (1 << (p.bit_length() - 1))
+    rank = comm.rank
+    _, extra, _ = _fold_plan(comm.size)
     if rank >= 2 * extra:  # always, when p is a power of two
         return mine
     if rank % 2 == 0:
@@ -183,21 +193,13 @@ def _fold_in(comm, mine, out, op):
 
 def _fold_out(comm, out):
     """Give the ranks that sat out the finished result (the reverse of _fold_in)."""
-    rank, p = comm.rank, comm.size
-    extra = p - (1 << (p.bit_length() - 1))
+    rank = comm.rank
+    _, extra, _ = _fold_plan(comm.size)
     if rank < 2 * extra:
         if rank % 2 == 0:
             comm.Recv(out, source=rank + 1)
         else:
             comm.Send(out, dest=rank - 1)
-
-
-@functools.cache
-def _renumbering(p):
-    """For the q = 2^floor(log2 p) ranks left after _fold_in: (q, their ranks in order).
-    When p is a power of two, that is (p, (0, 1, ..., p-1))."""
-    extra = p - (1 << (p.bit_length() - 1))
-    return 1 << (p.bit_length() - 1), tuple(2 * i + 1 if i < extra else i + extra for i in range(p - extra))
 
 
 def recursive_doubling_allreduce(comm, x, op="sum"):
@@ -210,13 +212,13 @@ def recursive_doubling_allreduce(comm, x, op="sum"):
     the result back at the end: 2 more steps, 2 (alpha + n beta) + n gamma.
     """
     result, op = _working_copy(x, op)  # my running result, starting as a copy of x
-    q, real = _renumbering(comm.size)  # rank real[i] is number i of the q ranks that take part
+    q, _, survivors = _fold_plan(comm.size)  # rank survivors[i] is number i of the q ranks that take part
     if _fold_in(comm, result, result, op) is not None:
-        me = real.index(comm.rank)
+        me = survivors.index(comm.rank)
         incoming = _receive_buffer(result)
         distance = 1
         while distance < q:
-            partner = real[me ^ distance]
+            partner = survivors[me ^ distance]
             comm.Sendrecv(result, dest=partner, recvbuf=incoming, source=partner)
             # Both partners compute op(lower rank's data, higher rank's data): the same operands in
             # the same order, so they agree bit for bit (complex a * b need not equal b * a exactly).
@@ -297,24 +299,31 @@ def rabenseifner_allreduce(comm, x, op="sum"):
     mine, out, op = _input_and_output(x, op)
     data = _fold_in(comm, mine, out, op)  # my partial results: x itself until the first reduction
     if data is not None:
-        q, real = _renumbering(comm.size)  # rank real[i] is number i of the q ranks left
-        me = real.index(comm.rank)
-        start = _chunk_bounds(mine.size, q)  # chunk i is [start[i], start[i + 1])
+        q, _, survivors = _fold_plan(comm.size)  # rank survivors[i] is number i of the q ranks left
+        me = survivors.index(comm.rank)
+        bounds = _chunk_bounds(mine.size, q)  # chunk i is elements [bounds[i], bounds[i + 1])
+
+        def elements(chunks):
+            """The elements of the chunks first .. last - 1, for chunks = (first, last)."""
+            return slice(bounds[chunks[0]], bounds[chunks[1]])
+
         incoming = _receive_buffer(mine)
 
-        # Reduce-scatter by recursive halving: my window of chunks [lo, hi) halves at every step,
-        # until it is chunk `me` alone, reduced over all ranks.
-        lo, hi = 0, q
+        # Reduce-scatter by recursive halving: my window of chunks halves at every step, until it is
+        # chunk `me` alone, reduced over all ranks. The partner keeps the other half of the window.
+        window = (0, q)
         distance = q // 2
         while distance > 0:
-            partner = real[me ^ distance]
-            mid = lo + distance
-            (lo, hi), give = ((mid, hi), (lo, mid)) if me & distance else ((lo, mid), (mid, hi))
-            keep, give = slice(start[lo], start[hi]), slice(start[give[0]], start[give[1]])
+            partner = survivors[me ^ distance]
+            middle = window[0] + distance
+            lower, upper = (window[0], middle), (middle, window[1])
+            kept_chunks, given_chunks = (upper, lower) if me & distance else (lower, upper)
+            keep, give = elements(kept_chunks), elements(given_chunks)
             received = incoming[:keep.stop - keep.start]
             comm.Sendrecv(data[give], dest=partner, recvbuf=received, source=partner)
             op(data[keep], received, out=out[keep])
             data = out
+            window = kept_chunks
             distance //= 2
         if data is mine:  # p == 1: nothing to reduce
             out[...] = mine
@@ -323,9 +332,10 @@ def rabenseifner_allreduce(comm, x, op="sum"):
         distance = 1
         while distance < q:
             partner = me ^ distance
-            first, theirs = me - me % distance, partner - partner % distance  # windows' first chunks
-            comm.Sendrecv(out[start[first]:start[first + distance]], dest=real[partner],
-                          recvbuf=out[start[theirs]:start[theirs + distance]], source=real[partner])
+            my_window = (me - me % distance, me - me % distance + distance)
+            their_window = (partner - partner % distance, partner - partner % distance + distance)
+            comm.Sendrecv(out[elements(my_window)], dest=survivors[partner],
+                          recvbuf=out[elements(their_window)], source=survivors[partner])
             distance *= 2
     _fold_out(comm, out)
     return out.reshape(x.shape)

@@ -15,17 +15,29 @@ the next servers on the ring. With owner = hash % S instead, changing S moves ab
 keys. Many points per server even out how many keys each one holds.
 
 The store. Ranks 0 .. S-1 are servers, each a dict of key -> numpy array answering requests
-through rpc.py; the other ranks are clients and run client_fn(store). put writes to every owner
-(synchronous replication: it returns once all live owners hold the value), get asks the owners in
-ring order and takes the first live answer, delete removes the key from every owner.
+through rpc.py; the other ranks are clients and run client_fn(store). A key's replicas live on the
+first R *live* servers met clockwise from it (a dead owner's place is taken by the next live server).
+put writes to each of them in ring order (synchronous replication: it returns once they all hold
+the value); get asks the first live one; delete removes the key from all of them.
+
+Writes are ordered by the key's first live owner. Two clients putting the same key at once would
+otherwise reach its replicas in different orders, leave them holding different values, and a crash
+would change what get returns with no write. So the first live owner gives every put of a key a
+version, (a counter it increments, the client's index), and each replica keeps the value with the
+highest version it has seen: in whatever order the writes arrive, the replicas end up agreeing.
 
 Failures. store.crash(s) makes server s answer every later request with "down", like a machine that
 died (a real client would find out by a timeout; MPI has none, so the server stays up to say so).
-Clients then skip it. With R replicas, a key survives any R - 1 crashed servers; when all its owners
-are down, get raises KeyUnavailable. A crashed server stays down for the rest of the run.
+Clients then skip it. With R replicas, a key survives any R - 1 crashed servers, also a key written
+after earlier crashes (it went to R live servers); when all its replicas are down, get raises
+KeyUnavailable. A crashed server stays down for the rest of the run.
 
 Cost: a put of m bytes moves R m bytes (R requests in a row); a get moves m bytes; each request is
 one rpc call (2 control messages and the array).
+
+A failing client (client_fn raises, or is interrupted) ends the run on every rank at once
+(rpc.Run): every rank raises RunAborted("client 1 failed: ..."). If several fail at the same moment,
+each rank names the first failure it heard of.
 """
 import bisect
 import pickle
@@ -34,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rpc
-from .rpc import check_same_on_all_ranks
+from .rpc import RunAborted, check_same_on_all_ranks
 from .data import stable_hash
 
 __all__ = ["ring_owners", "HashRing", "KVClient", "KVResult", "KeyUnavailable", "run_kvstore"]
@@ -86,10 +98,11 @@ class HashRing:
 # ----------------------------------------------------------------------------- a server
 
 class _Server:
-    """One server rank's keys, and its answers to put, get, delete, stats and crash."""
+    """One server rank's keys with their versions, and its answers to put, get, delete, stats and crash."""
 
     def __init__(self):
-        self.data, self.down, self.requests = {}, False, 0
+        self.data, self.versions, self.issued = {}, {}, {}  # key -> value; key -> version; key -> last counter given
+        self.down, self.requests = False, 0
 
     def handlers(self):
         return {kind: self._unless_down(handler) for kind, handler in
@@ -105,14 +118,24 @@ class _Server:
         return answer
 
     def put(self, header, arrays):
-        self.data[header["key"]] = arrays[0]  # rpc received it into a new array: nobody else has it
-        return {}, []
+        """Keep the value if its version is the highest this server has seen for the key. A put with
+        no version comes to the key's first live owner, which gives it the next one."""
+        key, version = header["key"], header["version"]
+        if version is None:
+            counter = max(self.issued.get(key, 0), self.versions.get(key, (0,))[0]) + 1
+            self.issued[key] = counter
+            version = (counter, header["client"])
+        version = tuple(version)
+        if key not in self.versions or version > self.versions[key]:
+            self.data[key], self.versions[key] = arrays[0], version  # rpc received it into a new array
+        return {"version": version}, []
 
     def get(self, header, arrays):
         value = self.data.get(header["key"])
         return ({"found": False}, []) if value is None else ({"found": True}, [value])
 
     def delete(self, header, arrays):
+        self.versions.pop(header["key"], None)
         return {"found": self.data.pop(header["key"], None) is not None}, []
 
     def stats(self, header, arrays):
@@ -143,9 +166,14 @@ class KVClient:
         self.known_down = set()
 
     def owners(self, key):
-        """The servers (0-based among the servers) that hold key, in the order get asks them."""
+        """The servers (0-based among the servers) that hold key when none is down, first one first."""
         _check_key(key)
         return self.ring.owners(key, self.replicas)
+
+    def _clockwise(self, key):
+        """Every server, in ring order from the key: its owners first, then those that take their place."""
+        _check_key(key)
+        return self.ring.owners(key, len(self.servers))
 
     def _ask(self, server, kind, header, arrays=()):
         """The reply of server (0-based), or None if it is down."""
@@ -157,36 +185,55 @@ class KVClient:
             return None
         return reply_header, reply_arrays
 
+    def _on_live_replicas(self, key, kind, header, arrays=()):
+        """Send the request to the first `replicas` live servers clockwise from key, one after the other
+        (a server found down on the way is replaced by the next one); return their answers."""
+        answers = []
+        for server in self._clockwise(key):
+            answer = self._ask(server, kind, header(answers), arrays)
+            if answer is not None:
+                answers.append(answer)
+                if len(answers) == self.replicas:
+                    break
+        return answers
+
     def put(self, key, value):
-        """Store value (a numpy array of numbers) under key on every live owner; return how many hold it."""
+        """Store value (a numpy array of numbers) under key on its live replicas; return how many hold it.
+        The first of them gives the write its version; the others get that version with it."""
         _check_key(key)
         value = np.asarray(value)
         if value.dtype.hasobject:
             raise TypeError(f"values must be numpy arrays of numbers, got dtype {value.dtype} for key {key!r}")
-        owners = self.owners(key)
-        stored = sum(self._ask(s, "put", {"key": key}, [value]) is not None for s in owners)
+
+        def header(answers):
+            return {"key": key, "client": self.index, "version": answers[0][0]["version"] if answers else None}
+
+        stored = len(self._on_live_replicas(key, "put", header, [value]))
         if stored == 0:
-            raise KeyUnavailable(f"cannot put {key!r}: all its servers {owners} are down")
+            raise KeyUnavailable(f"cannot put {key!r}: every server is down")
         return stored
 
     def get(self, key):
-        """The value of key, from the first live owner. KeyError if it has none; KeyUnavailable if all
-        owners are down."""
-        owners = self.owners(key)
-        for server in owners:
+        """The value of key, from its first live replica. KeyError if the key is not in the store;
+        KeyUnavailable if all the servers that held it are down."""
+        for server in self._clockwise(key):
             answer = self._ask(server, "get", {"key": key})
-            if answer is not None:
-                (header, arrays) = answer
-                if not header["found"]:
-                    raise KeyError(f"no key {key!r} in the store (asked server {server}, its first live owner)")
+            if answer is None:
+                continue
+            header, arrays = answer
+            if header["found"]:
                 return arrays[0]
-        raise KeyUnavailable(f"key {key!r} is unavailable: all its servers {owners} are down")
+            owners = self.owners(key)
+            if set(owners) <= self.known_down:  # written before they crashed: lost with them
+                raise KeyUnavailable(f"key {key!r} is unavailable: all its servers {owners} are down "
+                                     f"(server {server}, which took their place, does not have it)")
+            raise KeyError(f"no key {key!r} in the store (asked server {server}, its first live replica)")
+        raise KeyUnavailable(f"key {key!r} is unavailable: every server is down")
 
     def delete(self, key):
-        """Remove key from every live owner. KeyError if none of them had it."""
-        owners = self.owners(key)
-        answers = [self._ask(s, "delete", {"key": key}) for s in owners]
-        if not any(answer is not None and answer[0]["found"] for answer in answers):
+        """Remove key from its live replicas. KeyError if none of them had it."""
+        answers = self._on_live_replicas(key, "delete", lambda answers: {"key": key})
+        if not any(header["found"] for header, _ in answers):
             raise KeyError(f"no key {key!r} in the store")
 
     def crash(self, server):
@@ -211,43 +258,46 @@ class KVResult:
     down: list
 
 
+def _run_client(run, me, ring, replicas, client_fn):
+    """client_fn(store) on a client rank; its return value. A failure ends the run on every rank."""
+    store = KVClient(run.comm, me.index, me.servers, ring, replicas)
+    try:
+        returned = client_fn(store)
+        pickle.dumps(returned)  # it travels to every rank: find out now, not in the final allgather
+    except RunAborted:
+        raise
+    except BaseException as error:
+        run.own_failure(error, f"client {me.index}")
+    for s in me.servers:
+        rpc.call(run.comm, s, rpc.DONE)
+    return returned
+
+
 def run_kvstore(comm, client_fn, *, n_servers=1, replicas=1, vnodes=64):
     """Run a key-value store on all ranks of comm (collective); return a KVResult.
 
     Ranks 0 .. n_servers-1 serve; every other rank calls client_fn(store) with a KVClient (store.index:
     0, 1, ... among the clients). The clients run at the same time, each at its own pace; the servers
     answer requests in the order they come. If client_fn raises on a client (or returns something that
-    cannot be pickled), every rank raises RuntimeError("client 1 failed: KeyError: ...") once all
-    clients are done.
+    cannot be pickled), every rank raises RunAborted("client 1 failed: KeyError: ...") at once.
     """
-    check_same_on_all_ranks(comm, "run_kvstore", n_servers=n_servers, replicas=replicas, vnodes=vnodes)
-    me = rpc.roles(comm, n_servers)
-    if not isinstance(replicas, int) or not 1 <= replicas <= n_servers:
-        raise ValueError(f"replicas must be an integer from 1 to n_servers ({n_servers}), got {replicas!r}")
-    ring = HashRing(range(n_servers), vnodes)
+    with rpc.Run(comm, "run_kvstore") as run:
+        with run.setup():
+            check_same_on_all_ranks(run.comm, "run_kvstore", n_servers=n_servers, replicas=replicas, vnodes=vnodes)
+            me = rpc.roles(run.comm, n_servers)
+            if not isinstance(replicas, int) or not 1 <= replicas <= n_servers:
+                raise ValueError(f"replicas must be an integer from 1 to n_servers ({n_servers}), got {replicas!r}")
+            ring = HashRing(range(n_servers), vnodes)
 
-    if me.is_server:
-        server = _Server()
-        rpc.serve(comm, server.handlers(), clients=me.workers)
-        mine = {"stats": {"keys": len(server.data), "bytes": sum(v.nbytes for v in server.data.values()),
-                          "requests": server.requests, "down": server.down}}
-    else:
-        store = KVClient(comm, me.index, me.servers, ring, replicas)
-        returned, failure = None, None
-        try:
-            returned = client_fn(store)
-            pickle.dumps(returned)  # it travels to every rank: find out now, not in the allgather below
-        except BaseException as error:  # also KeyboardInterrupt: the servers must hear "done" in any case
-            failure = f"client {me.index} failed: {type(error).__name__}: {error}"
-            returned = None
-        for s in me.servers:
-            rpc.call(comm, s, rpc.DONE)
-        mine = {"returned": returned, "failure": failure}
+        if me.is_server:
+            server = _Server()
+            rpc.serve(run.comm, server.handlers(), clients=me.workers)
+            mine = {"keys": len(server.data), "bytes": sum(v.nbytes for v in server.data.values()),
+                    "requests": server.requests, "down": server.down}
+        else:
+            mine = _run_client(run, me, ring, replicas, client_fn)
+        everyone = run.allgather(mine)
 
-    everyone = comm.allgather(mine)
-    clients, servers = everyone[n_servers:], [part["stats"] for part in everyone[:n_servers]]
-    failures = [part["failure"] for part in clients if part["failure"]]
-    if failures:
-        raise RuntimeError(failures[0])
-    return KVResult([part["returned"] for part in clients], [s["keys"] for s in servers],
-                    [s["bytes"] for s in servers], [s["requests"] for s in servers], [s["down"] for s in servers])
+    servers = everyone[:n_servers]
+    return KVResult(everyone[n_servers:], [s["keys"] for s in servers], [s["bytes"] for s in servers],
+                    [s["requests"] for s in servers], [s["down"] for s in servers])

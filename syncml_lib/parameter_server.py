@@ -28,8 +28,14 @@ run is reproducible). In SSP a worker may run up to `staleness` steps ahead of t
 it blocks only when it would otherwise miss an update from before step t - staleness. ASP never
 waits. SSP with staleness 0 has BSP's guarantee (read_clock == step in every history row), but
 its pushes are applied as they come, so a fast worker's step-t update may already be in what a
-slower worker reads for step t: it ends with BSP's parameters (up to rounding) only when the
-gradients do not depend on the parameters.
+slower worker reads for step t: with plain SGD it ends with BSP's parameters (up to rounding) only
+when the gradients do not depend on the parameters.
+
+Momentum is per push in SSP and ASP: each push is its own momentum step, velocity = m velocity +
+grad_w, then params -= (lr / W) velocity. So the velocity decays W times per step instead of once:
+not BSP's momentum (velocity = m velocity + mean grad, params -= lr velocity), even with staleness
+0 and gradients that do not depend on the parameters. With a constant gradient g both approach the
+same update per step, lr g / (1 - m), by different paths.
 
 Cost per step through each server, with N bytes of parameters: it receives W gradient slices of
 N/S bytes and sends W parameter slices of N/S bytes, 2 W N / S bytes in all, plus 4 small control
@@ -46,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from . import rpc
-from .rpc import check_same_on_all_ranks
+from .rpc import RunAborted, check_same_on_all_ranks
 
 __all__ = ["ParameterStore", "run_parameter_server", "ParameterServerResult", "check_gradients",
            "may_read", "momentum_update", "shard", "MODES", "OPTIMIZERS"]
@@ -243,16 +249,13 @@ class _Server:
         self.pushed = [clock] * self.n_workers  # ssp, asp: steps each worker has pushed
         self.pending = {}  # bsp: worker -> its gradient slices for step `clock`
         self.waiting = []  # (rank, step) of the pulls held back
-        self.failure = None  # the message of the first worker that failed
         self.bytes_received = self.bytes_sent = 0
         self.checkpoint = checkpoint  # clock -> None: saves a checkpoint when due
 
     def handlers(self):
-        return {"pull": self.pull, "push": self.push, "fail": self.fail}
+        return {"pull": self.pull, "push": self.push}
 
     def pull(self, source, header, arrays):
-        if self.failure is not None:
-            return {"failure": self.failure}, []
         if not may_read(header["step"], self.clock, self.lag):
             self.waiting.append((source, header["step"]))
             return rpc.DEFER
@@ -265,8 +268,6 @@ class _Server:
         return {"clock": self.clock}, slices
 
     def push(self, source, header, arrays):
-        if self.failure is not None:
-            return {"failure": self.failure}, []
         worker, step = self.worker_of[source], header["step"]
         if len(arrays) != len(self.names):
             raise ValueError(f"worker {worker} pushed {len(arrays)} gradients, expected {len(self.names)}")
@@ -278,7 +279,9 @@ class _Server:
         self.bytes_received += sum(a.nbytes for a in arrays)
         # All checked: acknowledge before applying, so the worker goes on to its next server while
         # this one computes and the servers' updates overlap instead of queueing behind each other.
-        # (Its next pull here is answered only after the update, by the clock rule.)
+        # (Its next pull here is answered only after the update, by the clock rule.) The push has had
+        # its one reply: if applying it fails (a checkpoint that cannot be written), rpc.serve ends
+        # the run on every rank with the error, and answers nothing twice.
         rpc.reply(self.comm, source)
         if self.mode == "bsp":
             self.pending[worker] = grads
@@ -307,38 +310,42 @@ class _Server:
                 still_waiting.append((source, step))
         self.waiting = still_waiting
 
-    def fail(self, source, header, arrays):
-        """A worker failed: remember why, and tell every worker as it next asks (the held-back ones now)."""
-        if self.failure is None:
-            self.failure = header["message"]
-            for waiting, _ in self.waiting:
-                rpc.reply(self.comm, waiting, {"failure": self.failure})
-            self.waiting = []
-        return {}, []
+
+def _start_server(me, init_params, n_servers, lr, mode, staleness, optimizer, momentum, start,
+                  checkpoint_dir, checkpoint_every, comm):
+    """This server's store (its slice of every parameter, resumed from the checkpoint at `start` if
+    any) and its _Server. Returns (server, problem): problem is a message if it cannot resume."""
+    # BSP applies lr * mean of W gradients; SSP and ASP apply each gradient alone, lr * grad / W,
+    # which a store with learning rate lr / W does in two passes over the slice instead of three.
+    store_lr = lr if mode == "bsp" else lr / len(me.workers)
+    store = ParameterStore({name: shard(value.reshape(-1), n_servers)[me.index]
+                            for name, value in init_params.items()}, store_lr, optimizer, momentum)
+    problem = None
+    try:
+        if start:
+            _load_checkpoint(checkpoint_dir, me.index, n_servers, start, store)
+    except (OSError, KeyError, ValueError) as error:
+        problem = f"server {me.index} cannot resume from step {start}: {type(error).__name__}: {error}"
+
+    def checkpoint(clock):
+        if checkpoint_every and clock % checkpoint_every == 0:
+            _save_checkpoint(checkpoint_dir, me.index, n_servers, clock, store)
+
+    return _Server(comm, store, me.workers, mode, staleness, start, checkpoint), problem
 
 
 # ----------------------------------------------------------------------------- the worker
 
-class _Stop(Exception):
-    """A server said another worker failed: stop, with that worker's message."""
-
-
-def _ask(comm, server, kind, header, arrays=()):
-    reply_header, reply_arrays = rpc.call(comm, server, kind, header, arrays)
-    if "failure" in reply_header:
-        raise _Stop(reply_header["failure"])
-    return reply_header, reply_arrays
-
-
-def _work(comm, worker, servers, specs, grad_fn, start, steps, t0):
-    """One worker's loop over the steps. Returns (history rows, failure message or None)."""
-    history, failure, step = [], None, start
+def _work(run, worker, servers, specs, grad_fn, start, steps, t0):
+    """One worker's loop over the steps; returns its history rows. If its own code fails, the run
+    ends on every rank with "worker 1 failed at step 3: ..." (run.fail)."""
+    comm, history, step = run.comm, [], start
     try:
         for step in range(start, steps):
             began = time.perf_counter() - t0
             pieces, clocks = [], []
             for server in servers:
-                header, slices = _ask(comm, server, "pull", {"step": step})
+                header, slices = rpc.call(comm, server, "pull", {"step": step})
                 pieces.append(slices)
                 clocks.append(header["clock"])
             params = {name: np.concatenate([piece[i] for piece in pieces]).reshape(shape)
@@ -352,20 +359,18 @@ def _work(comm, worker, servers, specs, grad_fn, start, steps, t0):
                 raise ValueError(f"grad_fn returned no gradient for {', '.join(map(repr, missing))}")
             slices = {name: shard(np.asarray(grads[name]).reshape(-1), len(servers)) for name in specs}
             for s, server in enumerate(servers):
-                _ask(comm, server, "push", {"step": step}, [slices[name][s] for name in specs])
+                rpc.call(comm, server, "push", {"step": step}, [slices[name][s] for name in specs])
 
             read_clock = min(clocks)
             history.append(dict(worker=worker, step=step, read_clock=read_clock, staleness=step - read_clock,
                                 start=began, pulled=pulled, end=time.perf_counter() - t0))
-    except _Stop as stop:
-        failure = str(stop)
-    except BaseException as error:  # also KeyboardInterrupt: the servers and other workers must hear of it
-        failure = f"worker {worker} failed at step {step}: {type(error).__name__}: {error}"
-        for server in servers:
-            rpc.call(comm, server, "fail", {"message": failure})
+    except RunAborted:
+        raise
+    except BaseException as error:
+        run.own_failure(error, f"worker {worker}", f"at step {step}")
     for server in servers:
         rpc.call(comm, server, rpc.DONE)
-    return history, failure
+    return history
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -402,6 +407,21 @@ def _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, r
         raise ValueError("checkpoint_every and resume need a checkpoint_dir")
 
 
+def _start_step(comm, me, checkpoint_dir, resume):
+    """Collective: the newest clock every server has a checkpoint for (0 if none, or not resuming).
+    A fresh run deletes the servers' old checkpoints instead."""
+    clocks = []
+    if me.is_server and checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        if resume:
+            clocks = _checkpoint_clocks(checkpoint_dir, me.index)
+        else:
+            for old in _checkpoint_clocks(checkpoint_dir, me.index):
+                _checkpoint_path(checkpoint_dir, me.index, old).unlink()
+    everyone = comm.allgather(clocks)
+    return max(set.intersection(*(set(everyone[s]) for s in me.servers)), default=0)
+
+
 def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", staleness=0, n_servers=1,
                          optimizer="sgd", momentum=0.9, checkpoint_dir=None, checkpoint_every=None,
                          resume=False):
@@ -422,70 +442,42 @@ def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", s
     ends as an uninterrupted one would; in SSP and ASP it may also hold some later updates, which
     the resumed run applies again.
 
-    If a worker's grad_fn raises (or its gradients are wrong), it tells the servers, the servers
-    tell the other workers in their next reply, and every rank raises
-    RuntimeError("worker 1 failed at step 3: ValueError: ...").
+    Failures end the run on every rank (rpc.Run): if a worker's grad_fn raises (or its gradients
+    are wrong), every rank raises RunAborted("worker 1 failed at step 3: ValueError: ..."); if a
+    server fails (a checkpoint it cannot write), RunAborted("server 0: OSError: ..."); on Ctrl-C the
+    interrupted ranks raise KeyboardInterrupt and the others RunAborted naming them.
     """
     init_params = {name: np.asarray(value) for name, value in init_params.items()}
     specs = {name: (value.shape, value.dtype) for name, value in init_params.items()}
-    check_same_on_all_ranks(
-        comm, "run_parameter_server", names=tuple(specs), shapes=tuple(s for s, _ in specs.values()),
-        dtypes=tuple(str(d) for _, d in specs.values()), steps=steps, lr=lr, mode=mode, staleness=staleness,
-        n_servers=n_servers, optimizer=optimizer, momentum=momentum, checkpoint_dir=str(checkpoint_dir),
-        checkpoint_every=checkpoint_every, resume=resume)
-    _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, resume)
-    _check_optimizer(optimizer, momentum)
-    _check_floating(init_params)
-    me = rpc.roles(comm, n_servers)
+    with rpc.Run(comm, "run_parameter_server") as run:
+        with run.setup():
+            check_same_on_all_ranks(
+                run.comm, "run_parameter_server", names=tuple(specs), shapes=tuple(s for s, _ in specs.values()),
+                dtypes=tuple(str(d) for _, d in specs.values()), steps=steps, lr=lr, mode=mode,
+                staleness=staleness, n_servers=n_servers, optimizer=optimizer, momentum=momentum,
+                checkpoint_dir=str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume)
+            _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, resume)
+            _check_optimizer(optimizer, momentum)
+            _check_floating(init_params)
+            me = rpc.roles(run.comm, n_servers)
+            start = _start_step(run.comm, me, checkpoint_dir, resume)
+            problem = None
+            if me.is_server:
+                server, problem = _start_server(me, init_params, n_servers, lr, mode, staleness, optimizer,
+                                                momentum, start, checkpoint_dir, checkpoint_every, run.comm)
+            problems = [p for p in run.comm.allgather(problem) if p]  # also lines up the ranks for t0
+            if problems:
+                raise ValueError(problems[0])
 
-    # Where to start: the newest checkpoint every server has (servers differ by at most one step).
-    clocks = []
-    if me.is_server and checkpoint_dir is not None:
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        if resume:
-            clocks = _checkpoint_clocks(checkpoint_dir, me.index)
+        t0 = time.perf_counter()
+        if me.is_server:
+            rpc.serve(run.comm, server.handlers(), clients=me.workers)
+            mine = {"slices": list(server.store.pull().values()),
+                    "bytes": {"sent": server.bytes_sent, "received": server.bytes_received}}
         else:
-            for old in _checkpoint_clocks(checkpoint_dir, me.index):
-                _checkpoint_path(checkpoint_dir, me.index, old).unlink()
-    everyone = comm.allgather(clocks)
-    start = max(set.intersection(*(set(everyone[s]) for s in me.servers)), default=0)
+            mine = {"history": _work(run, me.index, me.servers, specs, grad_fn, start, steps, t0)}
+        everyone = run.allgather(mine)
 
-    problem = None
-    if me.is_server:
-        # BSP applies lr * mean of W gradients; SSP and ASP apply each gradient alone, lr * grad / W,
-        # which a store with learning rate lr / W does in two passes over the slice instead of three.
-        # (With momentum its velocity is then W times BSP's; the updates are the same.)
-        store_lr = lr if mode == "bsp" else lr / len(me.workers)
-        store = ParameterStore({name: shard(value.reshape(-1), n_servers)[me.index]
-                                for name, value in init_params.items()}, store_lr, optimizer, momentum)
-        try:
-            if start:
-                _load_checkpoint(checkpoint_dir, me.index, n_servers, start, store)
-        except (OSError, KeyError, ValueError) as error:
-            problem = f"server {me.index} cannot resume from step {start}: {type(error).__name__}: {error}"
-
-        def checkpoint(clock):
-            if checkpoint_every and clock % checkpoint_every == 0:
-                _save_checkpoint(checkpoint_dir, me.index, n_servers, clock, store)
-
-        server = _Server(comm, store, me.workers, mode, staleness, start, checkpoint)
-
-    problems = [p for p in comm.allgather(problem) if p]  # also lines up the ranks, like a Barrier
-    if problems:
-        raise ValueError(problems[0])
-    t0 = time.perf_counter()
-    if me.is_server:
-        rpc.serve(comm, server.handlers(), clients=me.workers)
-        mine = {"slices": list(store.pull().values()), "failure": server.failure,
-                "bytes": {"sent": server.bytes_sent, "received": server.bytes_received}}
-    else:
-        history, failure = _work(comm, me.index, me.servers, specs, grad_fn, start, steps, t0)
-        mine = {"history": history, "failure": failure}
-
-    everyone = comm.allgather(mine)
-    failures = [part["failure"] for part in everyone if part["failure"] is not None]
-    if failures:  # the servers come first and hold the first failure they heard of
-        raise RuntimeError(failures[0])
     servers, workers = everyone[:n_servers], everyone[n_servers:]
     params = {name: np.concatenate([server["slices"][i] for server in servers]).reshape(shape)
               for i, (name, (shape, _)) in enumerate(specs.items())}

@@ -1,4 +1,4 @@
-"""Request and reply over MPI: one server rank answers the requests of many client ranks.
+"""Request and reply over MPI, and runs that end on every rank: the plumbing of chapters 02, 04, 05.
 
     # on the server rank: answer requests until every client has sent "done"
     def add(source, header, arrays):
@@ -11,43 +11,104 @@
 
 A request is a `kind` (a short string that picks the handler), a small `header` dict and a list of
 numpy arrays; a reply is a header and a list of arrays. The kind, the header and the arrays' shapes
-and dtypes travel pickled with comm.send (small control messages); the array contents travel as raw
-bytes with buffer-based comm.Send, never pickled. Control messages and array payloads, requests and
-replies each have their own tag, so one is never taken for another, and MPI delivers the messages
-between two ranks with one tag in the order they were sent.
+and dtypes travel pickled (small control messages); the array contents travel as raw bytes with
+buffer-based Isend/Irecv, never pickled. Requests, replies and their arrays each have their own tag,
+and MPI delivers the messages between two ranks with one tag in the order they were sent.
 
 A handler returns (reply_header, reply_arrays) to answer at once, or DEFER to answer later with
 reply(comm, source, header, arrays): a parameter server holds back a pull that must wait for the
-other workers' pushes. A handler that raises sends the error back instead: call() raises
-RemoteError("server 0: KeyError: 'w2'") on the calling rank, and the server carries on.
+other workers' pushes. Every request gets exactly one reply, or none because the run is over:
+a handler that raises ends the run on every rank (abort, below), since the server cannot know
+what its clients would do next with a half-done request.
 
 No deadlock: a client has at most one request outstanding and waits for its reply, so whenever the
 server sends to a client, that client is waiting to receive it. A call costs 2 control messages
-plus one message per array in each direction. A rank waiting for a request or a reply sleeps
-between looks instead of spinning, so it leaves its core to the ranks that have work.
+plus one message per array in each direction.
+
+Every wait is a loop in Python, never a blocking MPI call: a rank waiting for a message sleeps
+between looks (so it leaves its core to the ranks that have work), can be interrupted, and looks
+for an ABORT message too. abort(comm, message) sends one to every other rank; each of them raises
+RunAborted(message) in its next wait. With Run (a run on its own duplicate communicator) that is how
+one rank's failure or interrupt ends the run everywhere within moments instead of leaving the
+others waiting for it, and why the next run in the same processes starts clean.
 """
+import contextlib
+import signal
+import threading
 import time
-import traceback
 from collections import namedtuple
 
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["serve", "call", "reply", "roles", "Roles", "check_same_on_all_ranks", "wait_sleeping", "RemoteError",
-           "DEFER", "DONE"]
+__all__ = ["serve", "call", "reply", "abort", "Run", "RunAborted", "roles", "Roles", "check_same_on_all_ranks",
+           "wait_sleeping", "DEFER", "DONE"]
 
-REQUEST, REQUEST_ARRAY, REPLY, REPLY_ARRAY = 7301, 7302, 7303, 7304  # tags, away from the default 0
+REQUEST, REQUEST_ARRAY, REPLY, REPLY_ARRAY, ABORT = 7301, 7302, 7303, 7304, 7305  # tags, away from 0
 DONE = "done"  # the kind a client sends when it has no more requests
 DEFER = object()  # what a handler returns when it will answer later with reply()
+IDLE_SLEEP = 1e-5  # seconds between looks of a rank waiting for a message (Linux makes it ~60 us)
 
 
-class RemoteError(RuntimeError):
-    """A handler on the server raised; the message names the server, the error type and its text.
-    .remote_traceback holds the server's traceback."""
+class RunAborted(RuntimeError):
+    """The run was ended on every rank; the message says which rank ended it and why (a handler or a
+    worker that raised, an interrupted rank). .interrupted: it was ended by a Ctrl-C / SIGINT."""
 
-    def __init__(self, message, remote_traceback=""):
+    def __init__(self, message, interrupted=False):
         super().__init__(message)
-        self.remote_traceback = remote_traceback
+        self.interrupted = interrupted
+
+
+# ----------------------------------------------------------------------------- waiting, asleep and interruptible
+
+def _check_abort(comm):
+    if comm.Iprobe(source=MPI.ANY_SOURCE, tag=ABORT):
+        raise RunAborted(*comm.recv(source=MPI.ANY_SOURCE, tag=ABORT))
+
+
+def _complete(comm, requests):
+    """Wait until every MPI request in the list has completed, asleep between looks; RunAborted if
+    another rank aborts meanwhile."""
+    while not MPI.Request.Testall(requests):
+        _check_abort(comm)
+        time.sleep(IDLE_SLEEP)
+
+
+def _receive(comm, source, tag, status=None, on_idle=None, idle_every=0.01):
+    """Receive one pickled message (matched probe, then a nonblocking receive), asleep while there is
+    none. comm.recv alone would wait too, but inside MPI, spinning (MPICH): an idle server would keep
+    a core busy, and neither an interrupt nor an abort could reach it. on_idle(), if given, is called
+    every idle_every seconds while nothing comes."""
+    next_idle = time.monotonic() + idle_every
+    while (message := comm.improbe(source=source, tag=tag, status=status)) is None:
+        _check_abort(comm)
+        time.sleep(IDLE_SLEEP)
+        if on_idle is not None and time.monotonic() >= next_idle:
+            on_idle()
+            next_idle = time.monotonic() + idle_every
+    request = message.irecv()
+    while True:
+        done, obj = request.test()
+        if done:
+            return obj
+        _check_abort(comm)
+        time.sleep(IDLE_SLEEP)
+
+
+def wait_sleeping(request, interval=IDLE_SLEEP):
+    """Wait for a nonblocking MPI request (comm.Ibarrier(), comm.Isend(...)) asleep `interval` seconds
+    between looks, instead of spinning inside MPI: a rank that waits leaves its core to the ranks
+    that have work (a longer interval, for a rank idle while others are timed, leaves more)."""
+    while not request.Test():
+        time.sleep(interval)
+
+
+def abort(comm, message, interrupted=False):
+    """Tell every other rank of comm that the run is over: each raises RunAborted(message) in its
+    next wait. Returns at once (the messages are small and go out in the background)."""
+    requests = [comm.isend((message, interrupted), dest=rank, tag=ABORT) for rank in range(comm.size)
+                if rank != comm.rank]
+    _left_behind.append((comm, requests))
 
 
 # ----------------------------------------------------------------------------- arrays on the wire
@@ -62,49 +123,20 @@ def _specs(arrays):
 
 
 def _raw(a):
-    """The bytes of array a as a flat uint8 array (a view when a is contiguous), for Send and Recv."""
+    """The bytes of array a as a flat uint8 array (a view when a is contiguous), for Isend and Irecv."""
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
-def _send_arrays(comm, arrays, dest, tag):
-    for a in arrays:
-        comm.Send([_raw(a), MPI.BYTE], dest=dest, tag=tag)
+def _send(comm, control, arrays, dest, tag, array_tag):
+    """Send a pickled control message and then each array's bytes; return once all have gone."""
+    _complete(comm, [comm.isend(control, dest=dest, tag=tag)] +
+              [comm.Isend([_raw(a), MPI.BYTE], dest=dest, tag=array_tag) for a in arrays])
 
 
 def _recv_arrays(comm, specs, source, tag):
-    arrays = []
-    for shape, dtype in specs:
-        a = np.empty(shape, dtype=dtype)
-        comm.Recv([_raw(a), MPI.BYTE], source=source, tag=tag)
-        arrays.append(a)
+    arrays = [np.empty(shape, dtype=dtype) for shape, dtype in specs]
+    _complete(comm, [comm.Irecv([_raw(a), MPI.BYTE], source=source, tag=tag) for a in arrays])
     return arrays
-
-
-IDLE_SLEEP = 1e-5  # seconds between looks of a rank waiting for a message (Linux makes it ~60 us)
-
-
-def wait_sleeping(request):
-    """Wait for a nonblocking MPI request (comm.Ibarrier(), comm.Isend(...)) asleep between looks,
-    instead of spinning inside MPI: a rank that waits leaves its core to the ranks that have work."""
-    while not request.Test():
-        time.sleep(IDLE_SLEEP)
-
-
-def _wait_for(comm, source, tag, on_idle=None, idle_every=0.01):
-    """Return once a message from `source` with `tag` has arrived, sleeping while there is none.
-
-    comm.recv alone would wait too, but MPICH waits by spinning: an idle server, or a worker held
-    back by the consistency rule, would keep a core busy. With more ranks than cores (4 engines on
-    a 2-core laptop) that core is taken from the ranks that have work; in bench.py's parameter
-    server this sleeping made a step 1.5-1.8x faster. The cost: up to ~60 us more latency per request.
-    on_idle(), if given, is called every idle_every seconds while nothing comes.
-    """
-    next_idle = time.monotonic() + idle_every
-    while not comm.Iprobe(source=source, tag=tag):
-        time.sleep(IDLE_SLEEP)
-        if on_idle is not None and time.monotonic() >= next_idle:
-            on_idle()
-            next_idle = time.monotonic() + idle_every
 
 
 # ----------------------------------------------------------------------------- client side
@@ -112,17 +144,12 @@ def _wait_for(comm, source, tag, on_idle=None, idle_every=0.01):
 def call(comm, server, kind, header=None, arrays=()):
     """Send a request to rank `server` and wait for its reply; return (reply_header, reply_arrays).
 
-    Raises RemoteError if the server's handler raised (or knows no such kind).
+    Raises RunAborted if the run ends meanwhile (the server's handler raised, or any rank aborted).
     """
     arrays, specs = _specs(arrays)
-    comm.send((kind, header or {}, specs), dest=server, tag=REQUEST)
-    _send_arrays(comm, arrays, server, REQUEST_ARRAY)
-    _wait_for(comm, server, REPLY)
-    ok, reply_header, reply_specs = comm.recv(source=server, tag=REPLY)
-    reply_arrays = _recv_arrays(comm, reply_specs, server, REPLY_ARRAY)
-    if not ok:
-        raise RemoteError(reply_header["error"], reply_header["traceback"])
-    return reply_header, reply_arrays
+    _send(comm, (kind, header or {}, specs), arrays, server, REQUEST, REQUEST_ARRAY)
+    reply_header, reply_specs = _receive(comm, server, REPLY)
+    return reply_header, _recv_arrays(comm, reply_specs, server, REPLY_ARRAY)
 
 
 # ----------------------------------------------------------------------------- server side
@@ -130,31 +157,27 @@ def call(comm, server, kind, header=None, arrays=()):
 def reply(comm, client, header=None, arrays=()):
     """Answer the request that rank `client` is waiting on (the one a handler deferred)."""
     arrays, specs = _specs(arrays)
-    comm.send((True, header or {}, specs), dest=client, tag=REPLY)
-    _send_arrays(comm, arrays, client, REPLY_ARRAY)
+    _send(comm, (header or {}, specs), arrays, client, REPLY, REPLY_ARRAY)
 
 
-def _reply_error(comm, client, error):
-    text = f"server {comm.rank}: {type(error).__name__}: {error}"
-    comm.send((False, {"error": text, "traceback": traceback.format_exc()}, []), dest=client, tag=REPLY)
-
-
-def serve(comm, handlers, clients, on_idle=None, idle_every=0.01):
+def serve(comm, handlers, clients, on_idle=None, idle_every=0.01, name=None):
     """Answer requests from any rank until every rank in `clients` has sent DONE ("done").
 
     handlers maps a kind to handler(source, header, arrays), which returns (reply_header,
     reply_arrays), or DEFER if it answers with reply(comm, source, ...) itself, now or later (a
     handler may also answer other deferred requests with reply()). Requests are handled one at a
-    time, in the order they arrive. Every request gets exactly one reply. on_idle(), if given, is called
-    every idle_every seconds while no request comes (a task master checks its deadlines there).
+    time, in the order they arrive. If a handler raises (or the kind is unknown), the run ends:
+    abort() tells every rank, and this rank raises RunAborted("server 0: KeyError: 'w2'") too
+    (`name` instead of "server 0" if given).
+    on_idle(), if given, is called every idle_every seconds while no request comes (a task master
+    checks its deadlines there).
     """
     if DONE in handlers:
         raise ValueError(f"serve: the kind {DONE!r} is reserved for clients that have finished")
     waiting_for = set(clients)
     status = MPI.Status()
     while waiting_for:
-        _wait_for(comm, MPI.ANY_SOURCE, REQUEST, on_idle, idle_every)
-        kind, header, specs = comm.recv(source=MPI.ANY_SOURCE, tag=REQUEST, status=status)
+        kind, header, specs = _receive(comm, MPI.ANY_SOURCE, REQUEST, status, on_idle, idle_every)
         source = status.Get_source()
         arrays = _recv_arrays(comm, specs, source, REQUEST_ARRAY)
         if kind == DONE:
@@ -164,16 +187,143 @@ def serve(comm, handlers, clients, on_idle=None, idle_every=0.01):
         try:
             handler = handlers.get(kind)
             if handler is None:
-                raise ValueError(f"unknown request kind {kind!r}; this server handles "
+                raise ValueError(f"unknown request kind {kind!r} from rank {source}; this server handles "
                                  f"{', '.join(map(repr, [*handlers, DONE]))}")
             answer = handler(source, header, arrays)
             if answer is None:
                 raise TypeError(f"the handler for {kind!r} returned None; it must return "
                                 f"(reply_header, reply_arrays), or DEFER")
-            if answer is not DEFER:
-                reply(comm, source, *answer)
+        except RunAborted:
+            raise
         except Exception as error:
-            _reply_error(comm, source, error)
+            message = f"{name or f'server {comm.rank}'}: {type(error).__name__}: {error}"
+            abort(comm, message)
+            raise RunAborted(message) from error
+        if answer is not DEFER:
+            reply(comm, source, *answer)
+
+
+# ----------------------------------------------------------------------------- one run, ended on every rank
+
+_left_behind = []  # communicators of aborted runs, and abort messages under way: see Run
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold Ctrl-C / SIGINT (a notebook's interrupt of a %%px cell) until the block is over, then raise
+    KeyboardInterrupt. For blocks of collective calls that every rank must finish together: a rank
+    that left one halfway would leave the others waiting inside MPI, where nothing reaches them.
+    (Only the main thread can set signal handlers; elsewhere this holds nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+INTERRUPT_GRACE = 1.0  # seconds a rank that heard of an interrupt elsewhere waits for its own
+
+
+def _swallow_interrupts(seconds):
+    """Wait `seconds`, ignoring SIGINT. A notebook's interrupt sends SIGINT to every engine, one after
+    the other; a rank that another rank's abort ended first would otherwise get its own SIGINT just
+    after returning, in the middle of ipyparallel sending its result, which is then lost."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Run:
+    """One collective run of a parameter server, a key-value store or a task master, ended on every
+    rank whatever happens on one of them.
+
+        with rpc.Run(comm, "run_kvstore") as run:
+            with run.setup():              # collectives that every rank must finish together
+                check_same_on_all_ranks(run.comm, "run_kvstore", replicas=replicas)
+            ...                            # serve / call on run.comm
+            everyone = run.allgather(mine) # the results, once every rank has finished
+
+    run.comm is a duplicate of comm, with its own message space: messages left over by an earlier
+    run that was interrupted can never be taken for this run's. An error or Ctrl-C on one rank in the
+    main part sends an abort to every other rank, which raises RunAborted("run_kvstore: rank 2 was
+    interrupted (KeyboardInterrupt)") in its next wait, so no rank is left waiting. A run that ends
+    normally frees its duplicate; an aborted one keeps it, since messages may still be under way on
+    it and MPI could reuse a freed communicator's context for a later run. An error raised inside
+    setup() is the same on every rank (argument checks), so it aborts nothing.
+    """
+
+    def __init__(self, comm, name):
+        self.parent, self.name = comm, name
+        self.comm, self.in_setup, self.finished, self.aborted = None, False, False, False
+
+    def __enter__(self):
+        with _interrupts_held():
+            self.comm = self.parent.Dup()
+        return self
+
+    @contextlib.contextmanager
+    def setup(self):
+        self.in_setup = True
+        with _interrupts_held():
+            yield
+            self.in_setup = False  # not reached if the block raised
+
+    def abort(self, message, interrupted=False):
+        """Tell every other rank that the run is over, with `message` (this rank goes on to raise)."""
+        self.aborted = True
+        abort(self.comm, message, interrupted)
+
+    def fail(self, message):
+        """End the run on every rank with `message`, raising RunAborted(message) here too."""
+        self.abort(message)
+        raise RunAborted(message)
+
+    def own_failure(self, error, who, where=""):
+        """This rank's own code (a worker's grad_fn, a client's function) raised `error`: end the run on
+        every rank. Ctrl-C: the others hear "worker 1 was interrupted at step 3" and this rank goes on
+        with its KeyboardInterrupt; any other error: every rank raises RunAborted("worker 1 failed at
+        step 3: ValueError: ...")."""
+        place = f" {where}" if where else ""
+        if isinstance(error, KeyboardInterrupt):
+            self.abort(f"{who} was interrupted{place} (KeyboardInterrupt); the run was ended on every rank",
+                       interrupted=True)
+            raise error
+        self.fail(f"{who} failed{place}: {type(error).__name__}: {error}")
+
+    def allgather(self, mine):
+        """Everyone's `mine`, by rank, once every rank has got here (pickle-based: small results).
+        RunAborted if a rank aborts before it gets here; an interrupt meanwhile waits for the end."""
+        with _interrupts_held():
+            _complete(self.comm, [self.comm.Ibarrier()])
+            everyone = self.comm.allgather(mine)
+            self.finished = True
+        return everyone
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or self.in_setup or self.finished:
+            self.comm.Free()
+            return False
+        _left_behind.append(self.comm)
+        if isinstance(error, RunAborted) and error.interrupted:
+            _swallow_interrupts(INTERRUPT_GRACE)
+        if self.aborted or isinstance(error, RunAborted):
+            return False
+        who = f"{self.name}: rank {self.comm.rank}"
+        if isinstance(error, KeyboardInterrupt):
+            abort(self.comm, f"{who} was interrupted (KeyboardInterrupt); the run was ended on every rank", True)
+        else:
+            abort(self.comm, f"{who} failed: {type(error).__name__}: {error}")
+        return False
 
 
 # ----------------------------------------------------------------------------- who is who

@@ -17,8 +17,9 @@ How the master decides who gets which task is the schedule:
     guided   like dynamic, with chunks that shrink: guided_chunk(remaining, W, chunk) = max(chunk,
              ceil(remaining / W)). Big chunks while much is left, small ones at the end for balance.
 
-Workers that die. MPI ends the whole job when a process dies, so a worker "dies" here by going
-silent: `die={w: n}` makes worker w stop after n tasks, holding the tasks it got next, and never
+Workers that die. MPI ends the whole job when a process dies (by default: ULFM, MPI's fault-
+tolerance proposal, lets the others go on), so a worker "dies" here by going silent: `die={w: n}`
+makes worker w stop after n tasks, holding the tasks it got next, and never
 report again. The master cannot tell silent from slow. So every hand-out is a lease with a
 deadline (`lease` seconds); when it expires, its unfinished tasks go back to a queue that any
 worker may take from (expired_leases). If the first worker reports after all, its results are
@@ -88,13 +89,12 @@ class _Master:
         self.leases, self.next_lease = {}, 0  # lease id -> (worker rank, task ids, deadline)
         self.done, self.trace, self.duplicates, self.reassigned = {}, [], 0, []
         self.waiting, self.silent = [], []  # ranks whose "next" is held back; ranks gone silent
-        self.failure = None
 
     def handlers(self):
         return {"next": self.next, "silent": self.went_silent}
 
     def finished(self):
-        return len(self.done) == self.n_tasks or self.failure is not None
+        return len(self.done) == self.n_tasks
 
     def next(self, source, header, arrays):
         """A worker reports the results of its last lease and asks for more."""
@@ -104,8 +104,6 @@ class _Master:
             else:
                 self.duplicates += 1
         self.leases.pop(header.get("lease"), None)
-        if header.get("failure") and self.failure is None:
-            self.failure = header["failure"]
         if self.finished():
             self.release_everyone()
             return {"stop": True}, []
@@ -169,11 +167,13 @@ def _drain(queue):
 
 # ----------------------------------------------------------------------------- a worker
 
-def _work(comm, master, index, tasks, task_fn, die_after, t0):
-    """Ask, run, report, until the master says stop. Returns how many tasks this worker ran."""
+def _work(run, master, index, tasks, task_fn, die_after, t0):
+    """Ask, run, report, until the master says stop. Returns how many tasks this worker ran. If
+    task_fn raises, the run ends on every rank with "worker 2 failed on task 7: ..." (run.fail)."""
+    comm = run.comm
     ran, reply = 0, rpc.call(comm, master, "next", {})[0]
     while not reply.get("stop"):
-        results, failure = [], None
+        results = []
         for task in reply["tasks"]:
             if die_after is not None and ran >= die_after:  # "dies": keeps this lease, never reports again
                 rpc.call(comm, master, "silent")             # (returns only when the run is over)
@@ -182,12 +182,11 @@ def _work(comm, master, index, tasks, task_fn, die_after, t0):
             start = time.perf_counter() - t0
             try:
                 result = task_fn(tasks[task])
-            except BaseException as error:  # also KeyboardInterrupt: the master must hear of it
-                failure = f"worker {index} failed on task {task}: {type(error).__name__}: {error}"
-                break
+            except BaseException as error:
+                run.own_failure(error, f"worker {index}", f"on task {task}")
             results.append((task, result, start, time.perf_counter() - t0))
             ran += 1
-        reply = rpc.call(comm, master, "next", {"lease": reply["lease"], "results": results, "failure": failure})[0]
+        reply = rpc.call(comm, master, "next", {"lease": reply["lease"], "results": results})[0]
     rpc.call(comm, master, rpc.DONE)
     return ran
 
@@ -217,38 +216,39 @@ def run_tasks(comm, tasks, task_fn, *, schedule="dynamic", chunk=1, lease=None, 
     tasks: the same list on every rank (task_fn gets tasks[i]; results are pickled to the master).
     schedule: "static", "cyclic", "dynamic" or "guided"; chunk: tasks per hand-out (dynamic), the
     smallest chunk (guided). lease: seconds a worker may hold tasks before they are handed out again
-    (None: forever). die: {worker index: n}: that worker goes silent after n tasks (a simulated death).
-    If task_fn raises, every rank raises RuntimeError("worker 2 failed on task 7: ..."); if tasks are
-    left undone (a silent worker and no lease), RuntimeError names them.
+    (None: forever). die: {worker: n}: worker (0-based among the workers: worker w is rank w + 1)
+    goes silent after n tasks (a simulated death). If task_fn raises, every rank raises
+    RunAborted("worker 2 failed on task 7: ..."); if the master fails, RunAborted("master: ...");
+    if tasks are left undone (a silent worker and no lease), RuntimeError names them.
     """
     die = dict(die or {})
-    check_same_on_all_ranks(comm, "run_tasks", n_tasks=len(tasks), schedule=schedule, chunk=chunk, lease=lease,
-                            die=sorted(die.items()))
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
-    if lease is not None and not lease > 0:
-        raise ValueError(f"lease must be a positive number of seconds or None, got {lease!r}")
-    me = rpc.roles(comm, 1)
-    if set(die) - set(range(len(me.workers))):
-        raise ValueError(f"die names workers {sorted(set(die) - set(range(len(me.workers))))}, "
-                         f"but the workers are 0 .. {len(me.workers) - 1}")
+    with rpc.Run(comm, "run_tasks") as run:
+        with run.setup():
+            check_same_on_all_ranks(run.comm, "run_tasks", n_tasks=len(tasks), schedule=schedule, chunk=chunk,
+                                    lease=lease, die=sorted(die.items()))
+            if schedule not in SCHEDULES:
+                raise ValueError(f"unknown schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
+            if not isinstance(chunk, int) or chunk < 1:
+                raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+            if lease is not None and not lease > 0:
+                raise ValueError(f"lease must be a positive number of seconds or None, got {lease!r}")
+            me = rpc.roles(run.comm, 1)
+            if set(die) - set(range(len(me.workers))):
+                raise ValueError(f"die names workers {sorted(set(die) - set(range(len(me.workers))))}, "
+                                 f"but the workers are 0 .. {len(me.workers) - 1}")
+            run.comm.Barrier()
 
-    comm.Barrier()
-    t0 = time.perf_counter()
-    if me.is_server:
-        master = _Master(comm, len(tasks), me.workers, schedule, chunk, lease)
-        _serve(comm, master, me.workers)
-        mine = {"done": master.done, "trace": sorted(master.trace, key=lambda row: row["task"]),
-                "reassigned": master.reassigned, "duplicates": master.duplicates, "failure": master.failure,
-                "handouts": master.next_lease}
-    else:
-        _work(comm, 0, me.index, tasks, task_fn, die.get(me.index), t0)
-        mine = None
-    outcome = comm.bcast(mine, root=0)
-    if outcome["failure"]:
-        raise RuntimeError(outcome["failure"])
+        t0 = time.perf_counter()
+        if me.is_server:
+            master = _Master(run.comm, len(tasks), me.workers, schedule, chunk, lease)
+            _serve(run.comm, master, me.workers)
+            mine = {"done": master.done, "trace": sorted(master.trace, key=lambda row: row["task"]),
+                    "reassigned": master.reassigned, "duplicates": master.duplicates, "handouts": master.next_lease}
+        else:
+            _work(run, 0, me.index, tasks, task_fn, die.get(me.index), t0)
+            mine = None
+        outcome = run.allgather(mine)[0]
+
     missing = [t for t in range(len(tasks)) if t not in outcome["done"]]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(tasks)} tasks never finished ({missing[:10]}"
@@ -273,4 +273,4 @@ def _serve(comm, master, workers):
                                  and all(deadline is None for _, _, deadline in master.leases.values()))
         if master.finished() or stuck:
             master.release_everyone()
-    rpc.serve(comm, master.handlers(), clients=workers, on_idle=idle)
+    rpc.serve(comm, master.handlers(), clients=workers, on_idle=idle, name="master")

@@ -1,6 +1,7 @@
 """kvstore.py: the ring in process (against a brute-force reading of its definition); the store under
 real mpiexec with 2-5 ranks, 1-3 servers and 1-3 replicas, crashes included."""
 import functools
+import time
 
 import numpy as np
 import pytest
@@ -142,25 +143,87 @@ def test_a_key_survives_as_long_as_one_of_its_replicas(replicas, crashed):
         assert lost == []
 
 
+def racing_writers_job(comm, rounds):
+    """Every client writes keys r0, r1, ... at the same time as the others (the same key in the same round),
+    then says it is done; client 0 waits for all, compares each key's two replicas, reads every key,
+    crashes server 0 and reads every key again."""
+    def client(store):
+        n_clients = comm.size - 2
+        for r in range(rounds):
+            store.put(f"r{r}", np.array([float(store.index), float(r)]))
+        store.put(f"done-{store.index}", np.zeros(1))
+        if store.index != 0:
+            return None
+        while True:  # wait until every client has finished writing
+            try:
+                for c in range(n_clients):
+                    store.get(f"done-{c}")
+                break
+            except KeyError:
+                time.sleep(0.01)
+        disagree = []
+        before = {}
+        for r in range(rounds):
+            key = f"r{r}"
+            values = [store._ask(s, "get", {"key": key})[1][0] for s in store.owners(key)]
+            if not all(np.array_equal(v, values[0]) for v in values):
+                disagree.append(key)
+            before[key] = store.get(key)
+        store.crash(0)
+        changed = [key for key, value in before.items() if not np.array_equal(store.get(key), value)]
+        return {"disagree": disagree, "changed by the crash": changed}
+    return run_kvstore(comm, client, n_servers=2, replicas=2).returns[0]
+
+
+def test_concurrent_writers_leave_the_replicas_agreeing_and_a_crash_changes_nothing():
+    """3 clients write the same 300 keys at once; without an order per key, the two replicas of a key
+    get the writes in different orders and end up disagreeing on some keys."""
+    found = run(functools.partial(racing_writers_job, rounds=300), 5, timeout=60)[0]
+    assert found["disagree"] == [] and found["changed by the crash"] == []
+
+
+def write_after_crash_job(comm, first, second):
+    def client(store):
+        store.crash(first)
+        for i in range(100):
+            assert store.put(f"k{i}", np.full(3, float(i))) == 2   # on 2 live servers, not 1
+        store.crash(second)
+        lost = []
+        for i in range(100):
+            try:
+                assert np.array_equal(store.get(f"k{i}"), np.full(3, float(i)))
+            except KeyUnavailable:
+                lost.append(f"k{i}")
+        return lost
+    return run_kvstore(comm, client, n_servers=4, replicas=2).returns[0]
+
+
+@pytest.mark.parametrize("second", [0, 2, 3])
+def test_keys_written_after_a_crash_survive_one_more(second):
+    """With R = 2, a key put after server 1 crashed goes to the next live server in its place, so any one
+    further crash leaves a copy (skipping the dead owner would leave about half the keys on one server)."""
+    assert run(functools.partial(write_after_crash_job, first=1, second=second), 5, timeout=60)[0] == []
+
+
 def error_job(comm, case):
     def client(store):
-        if case == "key type":
+        if case == "key type" and store.index == 0:
             store.put(7, np.zeros(1))
-        if case == "object value":
+        if case == "object value" and store.index == 0:
             store.put("k", np.array([object()]))
-        if case == "crash index":
+        if case == "crash index" and store.index == 0:
             store.crash(5)
         if case == "client raises" and store.index == 1:
             raise ZeroDivisionError("boom")
         if case == "interrupted" and store.index == 1:
             raise KeyboardInterrupt("stop")                 # what interrupting a notebook cell raises
-        if case == "unpicklable result":
+        if case == "unpicklable result" and store.index == 0:
             import threading
             return threading.Lock()
         return "ok"
     try:
         run_kvstore(comm, client, n_servers=2, replicas=2)
-    except Exception as error:
+    except (Exception, KeyboardInterrupt) as error:
         return type(error).__name__, str(error)
     return None
 
@@ -170,13 +233,18 @@ def error_job(comm, case):
     ("object value", "client 0 failed: TypeError: values must be numpy arrays of numbers"),
     ("crash index", "client 0 failed: ValueError: server must be 0 .. 1, got 5"),
     ("client raises", "client 1 failed: ZeroDivisionError: boom"),
-    ("interrupted", "client 1 failed: KeyboardInterrupt: stop"),
     ("unpicklable result", "client 0 failed: TypeError: cannot pickle '_thread.lock' object"),
 ])
 def test_a_failing_client_ends_the_run_on_every_rank_with_its_error(case, message):
     reports = run(functools.partial(error_job, case=case), 4, timeout=60)
-    assert all(report == ("RuntimeError", message) or (report[0] == "RuntimeError" and report[1].startswith(message))
-               for report in reports), reports
+    assert all(report[0] == "RunAborted" and report[1].startswith(message) for report in reports), reports
+
+
+def test_an_interrupted_client_ends_the_run_on_every_rank():
+    reports = run(functools.partial(error_job, case="interrupted"), 4, timeout=60)
+    assert reports[3] == ("KeyboardInterrupt", "stop")  # client 1 is rank 3
+    assert all(report == ("RunAborted", "client 1 was interrupted (KeyboardInterrupt); the run was ended on every rank")
+               for report in reports[:3]), reports
 
 
 def config_job(comm, **kwargs):

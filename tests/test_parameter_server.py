@@ -6,6 +6,7 @@ ASP and SSP must show is certain, whatever the machine's load. One mpiexec job p
 runs all the cases of a kind and returns what it found; the tests read those reports.
 """
 import functools
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from syncml_lib.mpirun import run
-from syncml_lib.parameter_server import ParameterStore, check_gradients
+from syncml_lib.parameter_server import MODES, ParameterStore, check_gradients
 
 
 
@@ -334,7 +335,7 @@ def failures_job(comm, n_servers):
         try:
             ps(comm, LEAST_SQUARES, grad_fn, steps=6, lr=0.1, **options)
             found[case] = None
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, KeyboardInterrupt) as error:
             found[case] = (type(error).__name__, str(error))
     # afterwards the communicator is clean: a normal run still gives the right answer
     found["afterwards"] = ps(comm, LEAST_SQUARES, least_squares_grad, steps=3, lr=0.1, n_servers=n_servers).params
@@ -353,9 +354,20 @@ FAILURES = [(4, 1), (5, 2)]  # 3 workers each
 def test_a_raising_grad_fn_ends_the_run_on_every_rank(p, n_servers):
     for found in failures(p, n_servers):
         for case in ("raises bsp", "raises ssp", "raises asp"):
-            assert found[case] == ("RuntimeError", "worker 1 failed at step 3: ValueError: bad batch"), case
-        assert found["raises at once"] == ("RuntimeError", "worker 0 failed at step 0: ValueError: bad batch")
-        assert found["interrupted"] == ("RuntimeError", "worker 2 failed at step 2: KeyboardInterrupt: stop")
+            assert found[case] == ("RunAborted", "worker 1 failed at step 3: ValueError: bad batch"), case
+        assert found["raises at once"] == ("RunAborted", "worker 0 failed at step 0: ValueError: bad batch")
+        assert_close(found["afterwards"], sequential(LEAST_SQUARES, least_squares_grad, 3, 0.1, 3))
+
+
+@pytest.mark.parametrize("p, n_servers", FAILURES)
+def test_an_interrupted_worker_ends_the_run_on_every_rank(p, n_servers):
+    interrupted_rank = n_servers + 2  # worker 2
+    for rank, found in enumerate(failures(p, n_servers)):
+        if rank == interrupted_rank:
+            assert found["interrupted"] == ("KeyboardInterrupt", "stop")
+        else:
+            assert found["interrupted"] == ("RunAborted", "worker 2 was interrupted at step 2 (KeyboardInterrupt); "
+                                                          "the run was ended on every rank")
         assert_close(found["afterwards"], sequential(LEAST_SQUARES, least_squares_grad, 3, 0.1, 3))
 
 
@@ -363,15 +375,15 @@ def test_a_raising_grad_fn_ends_the_run_on_every_rank(p, n_servers):
 def test_bad_gradients_are_named_on_every_rank(p, n_servers):
     for found in failures(p, n_servers):
         kind, message = found["unknown key"]
-        assert kind == "RuntimeError" and message.startswith("worker 2 failed at step 1: KeyError:")
+        assert kind == "RunAborted" and message.startswith("worker 2 failed at step 1: KeyError:")
         assert "unknown parameter 'w2'" in message
         assert found["wrong shape"] == (
-            "RuntimeError", "worker 0 failed at step 2: ValueError: gradient 'w' has shape (4,), "
+            "RunAborted", "worker 0 failed at step 2: ValueError: gradient 'w' has shape (4,), "
                             "but the parameter has shape (6,)")
-        assert found["missing"] == ("RuntimeError", "worker 1 failed at step 0: ValueError: "
+        assert found["missing"] == ("RunAborted", "worker 1 failed at step 0: ValueError: "
                                                     "grad_fn returned no gradient for 'b'")
         kind, message = found["not a dict"]
-        assert kind == "RuntimeError" and message.startswith("worker 1 failed at step 1: TypeError:")
+        assert kind == "RunAborted" and message.startswith("worker 1 failed at step 1: TypeError:")
 
 
 @pytest.mark.parametrize("p, n_servers", FAILURES)
@@ -381,6 +393,76 @@ def test_bad_arguments_raise_value_error_on_every_rank(p, n_servers):
         assert found["unknown mode"] == ("ValueError", "unknown mode 'bssp'; valid modes are bsp, ssp, asp")
         kind, message = found["staleness in bsp"]
         assert kind == "ValueError" and "only applies to mode='ssp'" in message
+
+
+def failing_checkpoint_job(comm, directory, n_servers):
+    """Worker 0 deletes the checkpoint folder at step 3, so a server's next checkpoint write fails
+    after it has acknowledged the push that completes the step."""
+    import shutil
+
+    from syncml_lib.parameter_server import run_parameter_server as ps
+
+    def grad(params, worker, step):
+        if (worker, step) == (0, 3):
+            shutil.rmtree(directory, ignore_errors=True)
+        return least_squares_grad(params, worker, step)
+
+    found = {}
+    try:
+        ps(comm, LEAST_SQUARES, grad, steps=8, lr=0.1, n_servers=n_servers, checkpoint_dir=directory,
+           checkpoint_every=1)
+        found["failed"] = None
+    except RuntimeError as error:
+        found["failed"] = (type(error).__name__, str(error))
+    found["afterwards"] = ps(comm, LEAST_SQUARES, least_squares_grad, steps=3, lr=0.1, n_servers=n_servers).params
+    return found
+
+
+@pytest.mark.parametrize("p, n_servers", FAILURES)
+def test_a_server_failing_after_its_acknowledgement_ends_the_run_on_every_rank(p, n_servers, tmp_path):
+    """The push was answered once already: the failure must not become a second reply (which would put
+    every later reply to that worker one off), but end the run everywhere, with the server's error."""
+    for found in run(failing_checkpoint_job, p, str(tmp_path / "gone"), n_servers, timeout=60):
+        kind, message = found["failed"]
+        assert kind == "RunAborted" and re.match(r"server \d: FileNotFoundError: ", message), message
+        assert_close(found["afterwards"], sequential(LEAST_SQUARES, least_squares_grad, 3, 0.1, p - n_servers))
+
+
+def momentum_job(comm, n_servers, steps, lr, momentum):
+    from syncml_lib.parameter_server import run_parameter_server as ps
+
+    def same_for_every_worker(params, worker, step):  # the order of the pushes in a step cannot matter
+        return constant_grad(params, 0, step)
+
+    common = dict(steps=steps, lr=lr, optimizer="momentum", momentum=momentum, n_servers=n_servers)
+    return {mode: ps(comm, MIXED, same_for_every_worker, mode=mode, **common).params for mode in MODES}
+
+
+def per_push_momentum(init, steps, lr, momentum, n_workers):
+    """SSP's and ASP's momentum as the docstring states it: every push is a momentum step with lr / W."""
+    params = {name: np.array(value, dtype=float) for name, value in init.items()}
+    velocity = {name: np.zeros_like(value) for name, value in params.items()}
+    for t in range(steps):
+        grad = constant_grad(params, 0, t)
+        for _ in range(n_workers):
+            for name in params:
+                velocity[name] = momentum * velocity[name] + grad[name]
+                params[name] = params[name] - lr / n_workers * velocity[name]
+    return params
+
+
+@pytest.mark.parametrize("p, n_servers", [(4, 1), (5, 2)])
+def test_momentum_in_ssp_and_asp_is_per_push_not_bsp_momentum(p, n_servers):
+    n_workers, steps, lr, m = p - n_servers, 6, 0.05, 0.9
+    found = run(momentum_job, p, n_servers, steps, lr, m, timeout=60)[0]
+    bsp_reference = sequential(MIXED, lambda params, w, t: constant_grad(params, 0, t), steps, lr, n_workers,
+                               "momentum", m)
+    assert_close(found["bsp"], bsp_reference)
+    per_push = per_push_momentum(MIXED, steps, lr, m, n_workers)
+    assert_close(found["ssp"], per_push)   # staleness 0: BSP's reads, and still not BSP's momentum
+    assert_close(found["asp"], per_push)
+    gap = max(float(np.max(np.abs(per_push[name] - bsp_reference[name]))) for name in MIXED)
+    assert gap > 1e-3, f"per-push and BSP momentum should differ visibly here, differ by {gap:.2g}"
 
 
 # ----------------------------------------------------------------------------- checkpoints, over MPI

@@ -4,6 +4,7 @@ One mpiexec job runs every case: each client calls both servers (echo, deferred 
 many calls in a row) and returns what it saw; the tests read that report.
 """
 import functools
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -68,14 +69,7 @@ def job(comm):
                 meeting.clear()
             return rpc.DEFER
 
-        def boom(source, header, arrays):
-            return {}[header["key"]]
-
-        def forgets_to_return(source, header, arrays):
-            pass
-
-        rpc.serve(comm, {"echo": echo, "whoami": whoami, "meet": meet, "boom": boom,
-                         "forgets": forgets_to_return}, clients=me.workers)
+        rpc.serve(comm, {"echo": echo, "whoami": whoami, "meet": meet}, clients=me.workers)
         return {"echo calls": len(calls)}
 
     report = {"problems": []}
@@ -98,9 +92,6 @@ def job(comm):
             report["problems"].append(f"whoami {n}: got {header}, {filled}")
 
     report["met"] = [rpc.call(comm, server, "meet")[0] for server in me.servers]
-    report["boom"] = outcome(lambda: rpc.call(comm, 0, "boom", {"key": "w2"}))
-    report["unknown kind"] = outcome(lambda: rpc.call(comm, 1, "bomo"))
-    report["forgets"] = outcome(lambda: rpc.call(comm, 0, "forgets"))
     report["object array"] = outcome(lambda: rpc.call(comm, 0, "echo", arrays=[np.array([{}, None])]))
     report["still works"] = outcome(lambda: rpc.call(comm, 1, "echo", {"ok": True}))
     for server in me.servers:
@@ -126,23 +117,68 @@ def test_a_deferred_reply_waits_for_every_client():
         assert client["met"] == [{"met": [2, 3], "server": 0}, {"met": [2, 3], "server": 1}]
 
 
-def test_handler_errors_come_back_to_the_caller_and_the_server_carries_on():
+def test_a_client_side_error_raises_on_the_caller_only():
     for client in reports()[2:]:
-        assert client["boom"] == ("RemoteError", "server 0: KeyError: 'w2'")
-        kind, message = client["unknown kind"]
-        assert kind == "RemoteError" and message.startswith("server 1: ValueError: unknown request kind 'bomo'")
-        for name in ("echo", "whoami", "meet", "boom", "done"):
-            assert repr(name) in message
-        kind, message = client["forgets"]
-        assert kind == "RemoteError" and "'forgets' returned None" in message
         kind, message = client["object array"]
         assert kind == "TypeError" and "Python objects" in message
         assert client["still works"] is None
 
 
-def test_remote_error_keeps_the_server_traceback():
-    error = rpc.RemoteError("server 0: KeyError: 'w2'", "Traceback ...")
-    assert str(error) == "server 0: KeyError: 'w2'" and error.remote_traceback == "Traceback ..."
+def failing_handlers_job(comm):
+    """Rank 0 serves; ranks 1 and 2 are clients. In each case one request makes the server's handler
+    fail; rank 2 is then waiting for a deferred reply ("park"). Each case is its own rpc.Run."""
+    def boom(source, header, arrays):
+        return {}[header["key"]]
+
+    def forgets_to_return(source, header, arrays):
+        pass
+
+    def acknowledges_then_fails(source, header, arrays):
+        rpc.reply(comm_of_run[0], source, {"ok": True})  # the request's one reply...
+        raise OSError("disk full")                        # ...then the work after it fails
+
+    def park(source, header, arrays):
+        return rpc.DEFER  # answered never: only the end of the run releases rank 2
+
+    cases = {"boom": ("boom", {"key": "w2"}), "unknown kind": ("bomo", {}), "forgets": ("forgets", {}),
+             "after the reply": ("ack", {})}
+    found, comm_of_run = {}, [None]
+    for case, (kind, header) in cases.items():
+        try:
+            with rpc.Run(comm, case) as run:
+                comm_of_run[0] = run.comm
+                if comm.rank == 0:
+                    rpc.serve(run.comm, {"boom": boom, "forgets": forgets_to_return, "ack": acknowledges_then_fails,
+                                         "park": park}, clients=[1, 2])
+                elif comm.rank == 1:
+                    time.sleep(0.2)  # rank 2 is parked by now
+                    found[case + " replied"] = rpc.call(run.comm, 0, kind, header)[0]
+                    rpc.call(run.comm, 0, "park")  # after the acknowledgement: waits for a reply that never comes
+                else:
+                    rpc.call(run.comm, 0, "park")
+                run.allgather(None)
+            found[case] = None
+        except rpc.RunAborted as error:
+            found[case] = str(error)
+    with rpc.Run(comm, "afterwards") as run:  # the next run in the same processes is clean
+        found["afterwards"] = run.allgather(comm.rank * 10)
+    return found
+
+
+def test_a_failing_handler_ends_the_run_on_every_rank():
+    """The server stops serving, the caller and a client parked on a deferred reply are released, each
+    with the server's message: nobody waits for the run's time limit. A handler that fails after it
+    has replied sends no second reply."""
+    found = run(failing_handlers_job, 3, timeout=30)
+    for on_rank in found:
+        assert on_rank["boom"] == "server 0: KeyError: 'w2'"
+        assert on_rank["unknown kind"].startswith("server 0: ValueError: unknown request kind 'bomo' from rank 1")
+        for name in ("boom", "forgets", "ack", "park", "done"):
+            assert repr(name) in on_rank["unknown kind"]
+        assert on_rank["forgets"].startswith("server 0: TypeError: the handler for 'forgets' returned None")
+        assert on_rank["after the reply"] == "server 0: OSError: disk full"
+        assert on_rank["afterwards"] == [0, 10, 20]
+    assert found[1]["after the reply replied"] == {"ok": True}
 
 
 def test_roles_split_the_ranks():

@@ -8,6 +8,7 @@ import functools
 import re
 import time
 
+import numpy as np
 import pytest
 
 from syncml_lib.data import block_range
@@ -126,17 +127,46 @@ def failing_job(comm, error):
         return task
     try:
         run_tasks(comm, list(range(12)), task_fn, schedule="dynamic")
-    except RuntimeError as caught:
-        return str(caught)
+    except (RuntimeError, KeyboardInterrupt) as caught:
+        return type(caught).__name__, str(caught)
     return None
 
 
-@pytest.mark.parametrize("error, text", [(ZeroDivisionError("boom"), "ZeroDivisionError: boom"),
-                                         (KeyboardInterrupt("stop"), "KeyboardInterrupt: stop")])
-def test_a_raising_task_ends_the_run_on_every_rank(error, text):
-    reports = run(failing_job, 4, error, timeout=60)
-    assert all(r is not None and r.startswith("worker ") and r.endswith(f"failed on task 7: {text}")
+def test_a_raising_task_ends_the_run_on_every_rank():
+    reports = run(failing_job, 4, ZeroDivisionError("boom"), timeout=60)
+    assert all(r[0] == "RunAborted" and r[1].startswith("worker ") and r[1].endswith("failed on task 7: "
+                                                                                      "ZeroDivisionError: boom")
                for r in reports), reports
+    assert len(set(reports)) == 1, reports  # one worker failed: every rank names the same one
+
+
+def test_an_interrupted_task_ends_the_run_on_every_rank():
+    reports = run(failing_job, 4, KeyboardInterrupt("stop"), timeout=60)
+    assert reports.count(("KeyboardInterrupt", "stop")) == 1, reports  # on the worker that ran task 7
+    others = [r for r in reports if r[0] != "KeyboardInterrupt"]
+    assert len(others) == 3 and all(r[0] == "RunAborted" and r[1].endswith(
+        "was interrupted on task 7 (KeyboardInterrupt); the run was ended on every rank") for r in others), reports
+
+
+def failing_master_job(comm):
+    """A guided chunk that is a float (np.ceil returns one): the master's hand-out raises."""
+    import syncml_lib.scheduler as scheduler
+
+    scheduler.guided_chunk = lambda remaining, workers, min_chunk: np.ceil(remaining / workers)
+    started = time.monotonic()
+    try:
+        run_tasks(comm, list(range(12)), square, schedule="guided")
+    except RuntimeError as caught:
+        return type(caught).__name__, str(caught), time.monotonic() - started
+    return None
+
+
+def test_a_failing_master_ends_the_run_on_every_rank_with_its_error():
+    """Not a hang until the time limit, with every rank saying it waited for the others."""
+    reports = run(failing_master_job, 4, timeout=30)
+    for kind, message, seconds in reports:
+        assert kind == "RunAborted" and message.startswith("master: TypeError: "), message
+        assert seconds < 5
 
 
 def bad_arguments_job(comm, kwargs):
