@@ -1,4 +1,7 @@
 """Exercises come from solutions; their checks pass the solutions and fail the stubs, saying why."""
+import inspect
+import sys
+
 import nbformat
 import numpy as np
 import pytest
@@ -62,6 +65,12 @@ EXERCISES = [
 def test_every_solution_notebook_has_its_exercises_listed_here():
     listed = {notebook for notebook, *_ in EXERCISES}
     assert listed == {path.stem for path in SOLUTIONS}
+
+
+def test_every_check_gives_up_after_the_one_time_limit_the_readme_states():
+    limits = {check.__name__: inspect.signature(check).parameters["timeout"].default for *_, check, _ in EXERCISES}
+    assert set(limits.values()) == {checks.TIMEOUT}, limits
+    assert f"gives up after {checks.TIMEOUT} s" in (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("notebook, name, check, ranks", EXERCISES, ids=[e[1] for e in EXERCISES])
@@ -357,7 +366,7 @@ def scatter_with_counts_in_rows(comm, data, n, d):
 
 def test_scatter_check_names_a_broadcast_and_wrong_displacements():
     with pytest.raises(checks.CheckFailed, match=r"ranks 2, 3: trial 0 \(10 rows of 3 on 4 ranks\): this rank received "
-                                                 r"240 bytes through bcast: all 10 rows \(240 bytes\), to keep 2"):
+                                                 r"\d+ bytes through bcast: all 10 rows \(240 bytes\), to keep 2"):
         checks.check_scatter_rows(scatter_by_broadcast, n=4)
     checks.check_scatter_rows(scatter_that_broadcasts_only_the_counts, n=4)   # a small bcast is no broadcast of data
     with pytest.raises(checks.CheckFailed, match=r"ranks 1, 2, 3: trial 0 .* made the collective calls none on this "
@@ -454,15 +463,23 @@ def wrong_then_right(comm, use_fresh_comm):
     then a check of the solution."""
     right = exercise_functions("solution:04_data_storage.ipynb")["scatter_rows"]
     if use_fresh_comm:
-        return [checks._in_fresh_comm(comm, checks._scatter_rows_on_rank, answer)
+        return [checks.harness._in_fresh_comm(comm, checks.data._scatter_rows_on_rank, answer)
                 for answer in (scatter_on_root_only, right)]
-    return [checks._scatter_rows_on_rank(comm, answer) for answer in (scatter_on_root_only, right)]
+    return [checks.data._scatter_rows_on_rank(comm, answer) for answer in (scatter_on_root_only, right)]
 
 
 def test_messages_a_wrong_answer_left_behind_do_not_fail_the_next_check():
     from syncml_lib.mpirun import run
     reports = run(wrong_then_right, 4, True, timeout=60)
     assert all(first for first, _ in reports[1:]) and all(second == [] for _, second in reports), reports
+
+
+def test_without_a_fresh_comm_the_messages_left_behind_do_fail_the_next_check():
+    """The control of the test above: on the caller's comm the same two checks, and the right answer fails."""
+    from syncml_lib.mpirun import run
+    reports = run(wrong_then_right, 4, False, timeout=60)
+    assert all(first for first, _ in reports[1:]), reports
+    assert any(second for _, second in reports), f"the right answer passed although stale messages were waiting: {reports}"
 
 
 # ---------------------------------------------------------------- chapter 05
@@ -473,9 +490,159 @@ def test_task_checks_explain_the_classic_mistakes():
         checks.check_guided_chunk(lambda remaining, workers, least: min(remaining, max(least, remaining // workers)), n=3)
     with pytest.raises(checks.CheckFailed, match=r"guided_chunk\(1, 4, 5\) returned 5, expected 1: never more than remains"):
         checks.check_guided_chunk(lambda remaining, workers, least: max(least, math.ceil(remaining / workers)), n=3)
-    with pytest.raises(checks.CheckFailed, match=r"now=10.0\) returned \[\], expected \[0\]: a deadline equal to now"):
+    with pytest.raises(checks.CheckFailed, match=r"now=10.0\) returned \[\], expected \[10\]: lease 10\'s deadline"):
         checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items() if d is not None and d < now], n=3)
-    with pytest.raises(checks.CheckFailed, match=r"now=5.0\) returned \[2\], expected \[\]"):
+    with pytest.raises(checks.CheckFailed, match=r"now=5.0\) returned \[12\], expected \[\]"):
         checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items() if (d or 0) <= now], n=3)
     with pytest.raises(checks.CheckFailed, match=r"call 3, record_result\(done, 3, 'second'\) returned True, expected False"):
         checks.check_record_result(lambda done, task, result: done.__setitem__(task, result) or True, n=3)
+
+
+# ---------------------------------------------------------------- issue 8: checks that check what they say
+
+def called_by_the_library():
+    """True inside a real run (the caller of the learner's function is a library module), False when
+    the check's own table calls it: answers that are right in the table and wrong where it counts."""
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return caller.startswith("syncml_lib") and not caller.startswith("syncml_lib.checks")
+
+
+def scatter_with_a_header(comm, data, n, d):
+    """Right: the library's own scatter_rows, which bcasts a ragged (shape, dtype) header first."""
+    from syncml_lib import data as library
+    return library.scatter_rows(comm, data)
+
+
+def scatter_with_keyword_bcast(comm, data, n, d):
+    """Right: the counts travel in a small bcast passed by keyword."""
+    from mpi4py import MPI
+    from syncml_lib.data import block_range
+    counts = comm.bcast(obj=[len(block_range(n, comm.size, r)) * d for r in range(comm.size)]
+                        if comm.rank == 0 else None, root=0)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    mine = np.empty((counts[comm.rank] // d, d))
+    comm.Scatterv([data, counts, starts, MPI.DOUBLE] if comm.rank == 0 else None, mine, root=0)
+    return mine
+
+
+def scatter_by_keyword_Bcast(comm, data, n, d):
+    """Wrong: all the data in a buffer-based Bcast, passed by keyword."""
+    from syncml_lib.data import block_range
+    full = data if comm.rank == 0 else np.empty((n, d))
+    comm.Bcast(buf=full, root=0)
+    block = block_range(n, comm.size, comm.rank)
+    return full[block.start:block.stop].copy()
+
+
+def test_scatter_check_measures_broadcasts_from_the_buffer_or_the_pickle():
+    checks.check_scatter_rows(scatter_with_a_header, n=4)
+    checks.check_scatter_rows(scatter_with_keyword_bcast, n=4)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 2, 3: trial 0 \(10 rows of 3 on 4 ranks\): this rank received "
+                                                 r"240 bytes through Bcast: all 10 rows \(240 bytes\), to keep 2"):
+        checks.check_scatter_rows(scatter_by_keyword_Bcast, n=4)
+
+
+def test_checks_insist_on_the_type_they_expect():
+    with pytest.raises(checks.CheckFailed, match=r"guided_chunk\(100, 4, 1\) returned 25.0, a float64; a chunk is a "
+                                                 r"number of tasks: return an int"):
+        checks.check_guided_chunk(lambda remaining, workers, least: min(remaining, max(least, np.ceil(remaining / workers))),
+                                  n=3)
+    with pytest.raises(checks.CheckFailed, match=r"guided_chunk\(100, 4, 1\) returned True, a bool"):
+        checks.check_guided_chunk(lambda remaining, workers, least: True, n=2)
+    with pytest.raises(checks.CheckFailed, match=r"call 1, record_result\(done, 3, 'first'\) returned 1, an int; "
+                                                 r"return True or False"):
+        checks.check_record_result(lambda done, task, result: int(done.setdefault(task, result) is result), n=2)
+    with pytest.raises(checks.CheckFailed, match=r"may_read\(step=0, clock=0, staleness=0\) returned 1, an int; "
+                                                 r"return True or False"):
+        checks.check_ssp_rule(lambda step, clock, staleness: int(clock >= step - staleness), n=2)
+    with pytest.raises(checks.CheckFailed, match=r"epoch 0, n=10: returned indices of dtype float64: indices must be "
+                                                 r"integers"):
+        checks.check_epoch_indices(lambda n, size, rank, epoch, seed: np.resize(
+            np.random.default_rng([seed, epoch]).permutation(n), -(-n // size) * size)[rank::size].astype(float), n=2)
+    with pytest.raises(checks.CheckFailed, match=r"now=5.0\) returned a generator: return a list"):
+        checks.check_expired_leases(lambda leases, now: (k for k, (_, _, d) in leases.items()
+                                                         if d is not None and d <= now), n=2)
+    with pytest.raises(checks.CheckFailed, match=r"shard\(np.arange\(10\), 1\) returned slice 0 as a list: return numpy "
+                                                 r"arrays \(slices of flat\)"):
+        checks.check_shard(lambda flat, n_servers: [list(flat)], n=2)
+
+
+def may_read_like_bsp_in_a_run(step, clock, staleness):
+    """Right in the table; in a real run BSP's rule: never lets a worker run ahead."""
+    return clock >= step - (0 if called_by_the_library() else staleness)
+
+
+def may_read_one_too_loose_in_a_run(step, clock, staleness):
+    """Right in the table; in a real run one step looser than the bound."""
+    return clock >= step - staleness - (1 if called_by_the_library() else 0)
+
+
+def test_ssp_check_makes_a_worker_slow_and_sees_the_others_run_ahead():
+    with pytest.raises(checks.CheckFailed, match=r"worker 0 was slow \(\d+ ms a step\), yet no other worker ever read "
+                                                 r"parameters 1 step stale"):
+        checks.check_ssp_rule(may_read_like_bsp_in_a_run, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"computed on parameters with clock \d+, 2 steps stale \(staleness=1\)"):
+        checks.check_ssp_rule(may_read_one_too_loose_in_a_run, n=4)
+
+
+def record_result_keeping_every_result_in_a_run(done, task, result):
+    """Right in the table; in a real run every result counts, also a task's second one."""
+    if called_by_the_library():
+        done[task] = result
+        return True
+    if task in done:
+        return False
+    done[task] = result
+    return True
+
+
+def test_short_lease_check_really_runs_tasks_twice():
+    with pytest.raises(checks.CheckFailed, match=r"task \d+ was counted twice, from worker \d \(rank \d\) and worker \d "
+                                                 r"\(rank \d\).*workers are numbered 0 \.\. W-1, worker w is rank w \+ 1"):
+        checks.check_record_result(record_result_keeping_every_result_in_a_run, n=3)
+
+
+def record_result_with_get(done, task, result):
+    if done.get(task):
+        return False
+    done[task] = result
+    return True
+
+
+def test_record_result_check_names_a_falsy_first_result():
+    with pytest.raises(checks.CheckFailed, match=r"call 4, record_result\(done, 4, 16\) returned True, expected False: "
+                                                 r"task 4 has a result already, 0: a falsy result \(0, None, ''\) is a result "
+                                                 r"too; ask `task in done`, not `done.get\(task\)`"):
+        checks.check_record_result(record_result_with_get, n=2)
+
+
+def test_expired_leases_check_names_the_actual_mistake():
+    with pytest.raises(checks.CheckFailed, match=r"now=10.0\) returned \[30, 31\], task ids: return the lease ids \(the keys "
+                                                 r"of `leases`\), expected \[10\]"):
+        checks.check_expired_leases(lambda leases, now: [t for _, (_, tasks, d) in leases.items()
+                                                         if d is not None and d <= now for t in tasks], n=2)
+    with pytest.raises(checks.CheckFailed, match=r"now=10.0\) returned \[\], expected \[10\]: lease 10's deadline is "
+                                                 r"10.0, equal to now, and a deadline equal to now has passed: "
+                                                 r"compare deadline <= now, not <"):
+        checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items()
+                                                         if d is not None and d < now], n=2)
+    with pytest.raises(checks.CheckFailed, match=r"now=5.0\) returned \[12\], expected \[\]: lease 12 has no deadline "
+                                                 r"\(None\): it never expires; skip it"):
+        checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items() if (d or 0) <= now], n=2)
+    with pytest.raises(checks.CheckFailed, match=r"raised TypeError: .*NoneType.* lease 12 has no deadline \(None\): it "
+                                                 r"never expires; skip it"):
+        checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items() if d <= now], n=2)
+    with pytest.raises(checks.CheckFailed, match=r"now=5.0\) returned \[10, 11, 13\], expected \[\]: lease 10's deadline, "
+                                                 r"10.0, is still ahead of now = 5.0; a lease has expired when deadline <= now"):
+        checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items()
+                                                         if d is not None and d > now], n=2)
+
+
+def shard_with_array_split(flat, n_servers):
+    return list(np.array_split(flat, n_servers))
+
+
+def test_shard_check_refuses_np_array_split():
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: shard\(np.arange\(10\), 1\) called np.array_split: the "
+                                                 r"exercise asks you to cut the slices yourself, with slicing"):
+        checks.check_shard(shard_with_array_split, n=2)

@@ -1,0 +1,27 @@
+"""Exercise checks: run the learner's function for real on every rank and say what is wrong.
+
+    check_global_mean(global_mean, view)     # on the notebook's MPI engines
+    check_global_mean(global_mean)           # or under `mpiexec -n 4`, e.g. from a test
+
+Every check runs the learner's function on every rank with seeded inputs, on a fresh duplicate of
+the communicator, and raises CheckFailed naming the first rank, trial and value that are wrong, or
+prints what passed; it gives up after TIMEOUT seconds (a hang) and says which ranks wait where.
+
+    harness.py           the machinery every check shares (run_on_ranks, CheckFailed, exercise_check)
+    tour.py              chapter 00: a global mean
+    parameter_server.py  chapter 02: SSP's admission rule, the momentum update, shards
+    allreduce.py         chapter 03: the ring's reduce-scatter and allgather, recursive doubling
+    data.py              chapter 04: a real scatter, the sampler's indices, the owners of a key
+    scheduling.py        chapter 05: guided chunks, expired leases, the first result of a task
+"""
+from .harness import TIMEOUT, CheckFailed, run_on_ranks
+from .tour import check_global_mean, global_mean_inputs
+from .parameter_server import check_momentum, check_shard, check_ssp_rule
+from .allreduce import check_recursive_doubling, check_ring_allgather, check_ring_reduce_scatter
+from .data import check_epoch_indices, check_ring_owners, check_scatter_rows
+from .scheduling import check_expired_leases, check_guided_chunk, check_record_result
+
+__all__ = ["CheckFailed", "run_on_ranks", "TIMEOUT", "check_global_mean", "check_ring_reduce_scatter",
+           "check_ring_allgather", "check_recursive_doubling", "check_ssp_rule", "check_momentum", "check_shard",
+           "check_scatter_rows", "check_epoch_indices", "check_ring_owners", "check_guided_chunk",
+           "check_expired_leases", "check_record_result"]
