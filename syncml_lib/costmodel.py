@@ -88,7 +88,7 @@ def predict_ps(nbytes, workers, servers, alpha, beta, gamma=0.0, mode="bsp"):
         worker  4 S alpha + 2 n beta + n gamma
         t = max(server + n gamma, worker) in BSP, max(server, worker) in SSP and ASP
 
-    gamma is the cost of one pass over fresh memory by the server (see bench.py: it needs more
+    gamma is the cost of one pass over fresh memory by the server (see bench/ps.py: it needs more
     than measure_gamma's in-place add). In ASP and SSP the step is the steady-state pace: the server
     still serves every pull and push, so it bounds the step in the same way.
     """

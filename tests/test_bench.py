@@ -1,25 +1,128 @@
-"""bench.py's `ps` subcommand (a smoke test under real mpiexec) and costmodel.predict_ps."""
+"""The benchmarks (syncml_lib.bench) under real mpiexec on 2, 3 and 4 ranks with tiny arguments: the
+rows each rank count allows, the configurations skipped and why, the rank counts refused; MPICH's
+progress throttle when main() is called from Python; and costmodel.predict_ps."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from syncml_lib import costmodel
+from syncml_lib.allreduce import ALGORITHMS
 from syncml_lib.costmodel import predict, predict_ps, ps_over_ring
 from syncml_lib.mpirun import run_script
 
 PARAMS = dict(alpha=1e-5, beta=1e-9, gamma=1e-10)
+THROTTLE = "MPIR_CVAR_CH4_PROGRESS_THROTTLE"
 
 
-def test_the_ps_benchmark_prints_a_row_per_configuration():
-    proc = run_script(["-m", "syncml_lib.bench", "ps", "--size", "10000", "--steps", "3", "--rounds", "2"], n=4, timeout=120)
-    out = proc.stdout
-    for config, workers, servers in [("1 server BSP", 3, 1), ("1 server ASP", 3, 1),
-                                     ("2 servers BSP", 2, 2), ("2 servers ASP", 2, 2)]:
-        rows = [line for line in out.splitlines() if line.strip().startswith(config + " |")]
+def bench(n, *args, check=True):
+    return run_script(["-m", "syncml_lib.bench", *args], n=n, timeout=60, check=check)
+
+
+def rows_of(out, first_cell):
+    """The table lines whose first cell is first_cell (cells are right-aligned: strip first)."""
+    return [line for line in out.splitlines() if line.strip().startswith(first_cell + " |")]
+
+
+def skip_note(servers, p):
+    return (f"{servers} servers on {p} ranks leaves {p - servers} worker: "
+            f"no allreduce among the workers to compare with; skipped")
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_the_allreduce_benchmark_prints_a_row_per_size(n):
+    out = bench(n, "allreduce", "--sizes", "8", "1K", "64K", "--repeat", "2").stdout
+    assert f"allreduce of float64 arrays on {n} ranks" in out, out
+    assert " ".join(["size | MPI Allreduce |", " | ".join(ALGORITHMS), "| auto | pickle allreduce | auto picked"]) \
+        in " ".join(out.split()), out                                # columns are padded: compare with single spaces
+    for size, nbytes in (("8 B", 8), ("1 KB", 1 << 10), ("64 KB", 64 << 10)):
+        rows = rows_of(out, size)
+        assert len(rows) == 1, out
+        cells = [cell.strip() for cell in rows[0].split("|")]
+        assert cells[-1] == costmodel.choose(nbytes, n), rows[0]     # what auto picks on n ranks
+        assert sum(cell.endswith("x)") for cell in cells) == len(ALGORITHMS) + 2, rows[0]  # + auto, pickle
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_the_ps_benchmark_prints_a_row_per_configuration(n):
+    out = bench(n, "ps", "--size", "10000", "--steps", "3", "--rounds", "2").stdout
+    for config, servers in [("1 server BSP", 1), ("1 server ASP", 1), ("2 servers BSP", 2), ("2 servers ASP", 2)]:
+        workers = n - servers
+        rows = rows_of(out, config)
+        if workers < 2:                                              # no allreduce among 1 worker
+            assert rows == [] and f"{config}: measured" not in out, out
+            continue
         assert len(rows) == 1, out
         cells = [cell.strip() for cell in rows[0].split("|")]
         assert cells[1:3] == [str(workers), str(servers)], rows[0]
         assert cells[-1] == " + ".join([f"{2 * workers * 10000 // servers} B"] * servers), rows[0]
         assert f"{config}: measured" in out and "1.5x" in out
     assert "ring allreduce (same W)" in out and "MPI Allreduce" in out and "median over 2 runs" in out
+    assert (skip_note(2, n) in out) == (n == 3), out
+
+
+def test_the_ps_benchmark_runs_with_the_throttle_when_main_is_called_from_python(tmp_path):
+    """main(["ps", ...]) from a script turns MPICH's progress throttle on before MPI starts, and the
+    table says what MPI uses; a script that started MPI first gets a one-line warning instead."""
+    script = tmp_path / "ps_from_python.py"
+    script.write_text(
+        "import os, sys\n"
+        f"os.environ.pop({THROTTLE!r}, None)  # as a plain mpiexec starts it (syncml_lib.mpirun sets it)\n"
+        "if sys.argv[1] == 'mpi first':\n"
+        "    from mpi4py import MPI\n"
+        "from syncml_lib.bench import main\n"
+        "main(['ps', '--size', '1000', '--steps', '3', '--rounds', '1', '--repeat', '3'])\n")
+    ok = run_script([script, "bench first"], n=3, timeout=60)
+    assert f"{THROTTLE}=1" in ok.stdout and "warning" not in ok.stderr, ok.stdout + ok.stderr
+    late = run_script([script, "mpi first"], n=3, timeout=60)
+    assert f"{THROTTLE}=0" in late.stdout, late.stdout
+    warnings = [line for line in late.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "MPI started before" in warnings[0], late.stderr
+
+
+@pytest.mark.parametrize("env, expected", [("1", "1"), ("0", "0"), (None, "0")])  # MPICH's default: off
+def test_progress_throttle_reads_what_mpi_uses(env, expected):
+    environ = {k: v for k, v in os.environ.items() if k != THROTTLE} | ({THROTTLE: env} if env else {})
+    code = "from syncml_lib.bench.common import progress_throttle; print(progress_throttle())"
+    proc = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == expected, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_the_data_benchmark_prints_both_tables(n):
+    out = bench(n, "data", "--sizes", "8K", "64K", "--repeat", "5").stdout
+    kvstore = n >= 3                                                 # 2 servers and a client
+    headers = {"MPI Scatterv | scatter_rows | Bcast + slice": True,
+               "MPI Send + reply | kv put, R=1 | kv put, R=2 | kv get": kvstore}
+    for header, shown in headers.items():
+        assert (header in " ".join(out.split())) == shown, out       # columns are padded: compare with single spaces
+    assert ("key-value store needs 3 ranks" in out) == (not kvstore), out
+    for size in ("8 KB", "64 KB"):
+        rows = rows_of(out, size)
+        assert len(rows) == (2 if kvstore else 1), out               # one in each table
+        assert all(line.count("x)") == len(line.split("|")) - 1 for line in rows), rows
+        assert all("(1.00x)" in line.split("|")[1] for line in rows), rows  # the first column is the reference
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_the_tasks_benchmark_prints_a_row_per_task_time(n):
+    out = bench(n, "tasks", "--tasks", "12", "--repeat", "3").stdout
+    assert f"task scheduling on {n} ranks (1 master, {n - 1} workers)" in out, out
+    rows = rows_of(out, "12")
+    assert len(rows) == 2, out                                       # empty tasks, then 1 ms tasks
+    assert all(line.count("x)") == 6 and "(1.00x)" in line.split("|")[2] for line in rows), rows
+    assert "per hand-out" in out
+
+
+@pytest.mark.parametrize("command, n, at_least", [("allreduce", 1, 2), ("ps", 1, 3), ("ps", 2, 3), ("data", 1, 2),
+                                                  ("tasks", 1, 2)])
+def test_a_benchmark_refuses_a_rank_count_where_nothing_can_run(command, n, at_least):
+    proc = bench(n, command, check=False)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    message = f"bench {command} needs at least {at_least} ranks"
+    assert proc.stderr.count(message) == n, proc.stderr            # said by every rank
+    assert "Traceback" not in proc.stderr and "|" not in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_predict_ps_by_hand():
@@ -61,24 +164,3 @@ def test_ps_over_ring_compares_with_a_ring_among_the_workers():
     assert ps_over_ring(1 << 34, 3, 1, 1e-6, 1e-9) == pytest.approx(4.5, rel=1e-3)
     assert ps_over_ring(1 << 34, 2, 2, 1e-6, 1e-9) == pytest.approx(2.0, rel=1e-3)
     assert ps_over_ring(n, 1, 1, **costmodel.DEFAULT_PARAMS) == float("inf")
-
-
-def test_the_data_benchmark_prints_both_tables():
-    proc = run_script(["-m", "syncml_lib.bench", "data", "--sizes", "8K", "64K", "--repeat", "5"], n=4, timeout=120)
-    out = proc.stdout
-    for header in ("MPI Scatterv | scatter_rows | Bcast + slice", "MPI Send + reply | kv put, R=1 | kv put, R=2 | kv get"):
-        assert header in " ".join(out.split()), out   # columns are padded: compare with single spaces
-    for size in ("8 KB", "64 KB"):
-        rows = [line for line in out.splitlines() if line.strip().startswith(size + " |")]
-        assert len(rows) == 2, out                                   # one in each table
-        assert all(line.count("x)") == len(line.split("|")) - 1 for line in rows), rows
-        assert all("(1.00x)" in line.split("|")[1] for line in rows), rows  # the first column is the reference
-
-
-def test_the_tasks_benchmark_prints_a_row_per_task_time():
-    proc = run_script(["-m", "syncml_lib.bench", "tasks", "--tasks", "12", "--repeat", "3"], n=3, timeout=120)
-    out = proc.stdout
-    rows = [line for line in out.splitlines() if line.strip().startswith("12 |")]
-    assert len(rows) == 2, out                                       # empty tasks, then 1 ms tasks
-    assert all(line.count("x)") == 6 and "(1.00x)" in line.split("|")[2] for line in rows), rows
-    assert "per hand-out" in out

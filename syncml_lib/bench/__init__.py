@@ -1,0 +1,18 @@
+"""Benchmarks of the course's synchronization code against MPI's own.
+
+    mpiexec -n 4 python -m syncml_lib.bench allreduce   # allreduce.py's algorithms vs comm.Allreduce (chapter 03)
+    mpiexec -n 4 python -m syncml_lib.bench ps          # the parameter server vs a ring among its workers (chapter 02)
+    mpiexec -n 4 python -m syncml_lib.bench data        # scatter_rows and the key-value store vs bare MPI (chapter 04)
+    mpiexec -n 4 python -m syncml_lib.bench tasks       # the task master vs MPI's scatter and gather (chapter 05)
+
+From Python, main(["ps", "--steps", "3"]) does the same. One module per benchmark (its docstring says
+what it measures and how), common.py what they share (sizes, timing, tables, rank counts, MPICH's
+progress throttle), __main__.py the command line.
+"""
+
+
+def main(argv=None):
+    """Run a benchmark as the command line does, e.g. main(["ps", "--size", "1M"]) on every rank."""
+    from .__main__ import main as command_line  # imported here: `python -m` runs __main__ itself
+
+    return command_line(argv)

@@ -1,0 +1,89 @@
+"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks [options]` (or main(argv)).
+
+It parses the options, turns MPICH's progress throttle on for the benchmarks that want it, and only
+then imports the benchmark's module, which starts MPI (mpi4py.MPI initializes it when imported).
+"""
+import argparse
+import importlib
+import os
+import sys
+
+from . import __doc__ as PACKAGE_DOC
+from .common import THROTTLE, progress_throttle
+
+DEFAULT_SIZES = ["8", "64", "1K", "8K", "64K", "1M", "8M", "64M"]
+DATA_SIZES = ["64K", "1M", "8M"]
+
+# In `ps`, `data` and `tasks` a parameter server's ranks (a key-value store's, a task master's) wait
+# for requests and replies asleep (rpc.py), but inside an MPI call (a big array under way, an allreduce
+# among the workers) MPICH waits by spinning. With more ranks than cores that takes the cores from the
+# ranks that have work, unless MPICH's progress throttle makes an idle rank yield; the course's engines
+# and mpirun turn it on for the same reason. (`allreduce` runs without it: every rank there is busy, and
+# its tables were measured so.)
+THROTTLED = {"ps", "data", "tasks"}
+
+
+def parser():
+    parser = argparse.ArgumentParser(prog="python -m syncml_lib.bench", description=PACKAGE_DOC.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    allreduce = commands.add_parser("allreduce", help="our allreduce algorithms against MPI's")
+    allreduce.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES,
+                           help="message sizes in bytes, e.g. 8 1K 8M (default: %(default)s)")
+    allreduce.add_argument("--max-size", default="64M", help="skip sizes above this (default: 64M)")
+    allreduce.add_argument("--repeat", type=int, default=200,
+                           help="repeats per measurement, fewer for large sizes (default: 200)")
+    allreduce.add_argument("--fit", action="store_true", help="also fit the cost model's alpha and beta to the times")
+
+    ps = commands.add_parser("ps", help="the parameter server against an allreduce among its workers")
+    ps.add_argument("--size", default="8M", help="model size in bytes, float64 (default: 8M, 1M floats)")
+    ps.add_argument("--steps", type=int, default=30,
+                    help="steps per configuration; the first is a warm-up (default: 30)")
+    ps.add_argument("--rounds", type=int, default=5,
+                    help="parameter-server runs per configuration, in turns; the median counts (default: 5)")
+    ps.add_argument("--repeat", type=int, default=50, help="allreduce repeats, fewer for large sizes (default: 50)")
+
+    data = commands.add_parser("data", help="scatter and the key-value store against bare MPI")
+    data.add_argument("--sizes", nargs="+", default=DATA_SIZES,
+                      help="bytes per scatter, per key-value array (default: %(default)s)")
+    data.add_argument("--repeat", type=int, default=100,
+                      help="repeats per measurement, fewer for large sizes (default: 100)")
+
+    tasks = commands.add_parser("tasks", help="the task master against MPI's scatter and gather")
+    tasks.add_argument("--tasks", type=int, default=300, help="tasks per run (default: 300)")
+    tasks.add_argument("--repeat", type=int, default=15,
+                       help="runs per measurement of empty tasks, a fifth of it for 1 ms tasks (default: 15)")
+
+    # Another benchmark: its subparser here, and a module of its own beside these with main(args).
+    return parser
+
+
+def main(argv=None):
+    """Parse argv (sys.argv[1:] if None); for ps, data and tasks turn the throttle on if MPI has not
+    started yet, else warn; run the benchmark's main(args) on every rank."""
+    args = parser().parse_args(argv)
+    if args.command in THROTTLED:
+        mpi = sys.modules.get("mpi4py.MPI")
+        started_before = mpi is not None and mpi.Is_initialized()
+        os.environ.setdefault(THROTTLE, "1")  # MPICH reads it when MPI starts: the import below
+    benchmark = importlib.import_module(f".{args.command}", __package__)
+    if args.command in THROTTLED:
+        warn_if_unthrottled(args.command, started_before)
+    benchmark.main(args)
+
+
+def warn_if_unthrottled(command, started_before):
+    """One line on rank 0's stderr if MPI runs without the progress throttle: the times then measure
+    idle ranks spinning on the cores of the busy ones, not what the README's tables show."""
+    from mpi4py import MPI
+
+    value = progress_throttle()
+    if value != "1" and MPI.COMM_WORLD.rank == 0:
+        why = ("MPI started before bench.main could turn it on: set it in the environment before importing "
+               "mpi4py.MPI" if started_before else "as the environment asks")
+        print(f"bench {command}: warning: MPICH's progress throttle is off ({THROTTLE}={value}), {why}; idle ranks "
+              f"spin inside MPI and take the cores of the busy ones", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
