@@ -155,11 +155,15 @@ def watch(pid, cluster_file, every=0.5):
 
 
 def _no_progress_bars():
-    """Long %%px cells would store a progress bar in the notebook's outputs: switch it off."""
+    """Long %%px cells would store a progress bar in the notebook's outputs: switch it off, and keep
+    every engine's output. ipyparallel's own way to switch the bar off (progress_after_seconds = -1)
+    returns as soon as the results are in, before all the streamed output has arrived, so a cell
+    could show three ranks' lines of four. Waiting "a billion seconds" before the bar waits for the
+    results and then for their output, and never shows a bar (an interrupt still ends the wait)."""
     with contextlib.suppress(Exception):
         from IPython import get_ipython
 
-        get_ipython().magics_manager.registry["ParallelMagics"].progress_after_seconds = -1
+        get_ipython().magics_manager.registry["ParallelMagics"].progress_after_seconds = 10**9
 
 
 @contextlib.contextmanager

@@ -2,16 +2,17 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["plot_rank_buffers", "plot_messages", "plot_timeline", "plot_parameter_server", "plot_worker_steps",
-           "plot_owners", "plot_hash_ring", "plot_task_timeline"]
+__all__ = ["plot_rank_buffers", "message_rounds", "plot_messages", "plot_timeline", "plot_parameter_server",
+           "plot_worker_steps", "plot_owners", "plot_hash_ring", "plot_task_timeline"]
 
 
-def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis"):
+def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis", columns=None, max_width=9.5):
     """Draw each rank's buffer at each stage: one panel per stage, one row per rank, one box per slot.
 
     `stages` maps a label ("before", "after Bcast", ...) to a list with one 1-D array per rank.
     Boxes are coloured by value and labelled with it; an empty slot (NaN) is left white.
-    Returns the matplotlib Figure.
+    The panels wrap into rows of `columns` panels (default: as many as fit), and the figure is at
+    most `max_width` inches wide (950 pixels in a notebook). Returns the matplotlib Figure.
     """
     labels = list(stages)
     values = [np.asarray(v, dtype=float) for stage in stages.values() for v in stage]
@@ -19,45 +20,92 @@ def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis"):
     lo, hi = finite.min(), finite.max()
     width = max(len(v) for v in values)
     ranks = len(next(iter(stages.values())))
-    fig, axes = plt.subplots(1, len(labels), figsize=(1.0 + 0.55 * width * len(labels), 0.6 + 0.45 * ranks),
-                             squeeze=False)
+    box, labels_room = 0.42, 0.8  # inches: one slot; the "rank r" labels left of the first column
+    if columns is None:
+        columns = max(1, int((max_width - labels_room) // (box * (width + 0.6))))
+    columns = min(columns, len(labels))
+    rows = -(-len(labels) // columns)
+    box = min(box, (max_width - labels_room) / (columns * (width + 0.6)))  # shrink to fit max_width
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(labels_room + columns * box * (width + 0.6), rows * (0.45 + box * (ranks + 0.3))))
     colours = plt.get_cmap(cmap)
-    for ax, label in zip(axes[0], labels):
+    fontsize = 8 if box >= 0.3 else 6.5
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for i, (ax, label) in enumerate(zip(axes.flat, labels)):
         for rank, buffer in enumerate(stages[label]):
             for slot, value in enumerate(np.asarray(buffer, dtype=float)):
                 filled = np.isfinite(value)
                 shade = colours(0.15 + 0.7 * (value - lo) / (hi - lo or 1)) if filled else "white"
                 ax.add_patch(plt.Rectangle((slot, rank), 0.95, 0.9, facecolor=shade, edgecolor="black", lw=0.6))
                 if filled:
-                    ax.text(slot + 0.47, rank + 0.45, fmt.format(value), ha="center", va="center", fontsize=8,
+                    ax.text(slot + 0.47, rank + 0.45, fmt.format(value), ha="center", va="center", fontsize=fontsize,
                             color="white" if (value - lo) / (hi - lo or 1) < 0.55 else "black")
         ax.set_xlim(-0.1, width)
         ax.set_ylim(ranks, -0.1)
-        ax.set_yticks(np.arange(ranks) + 0.45, [f"rank {r}" for r in range(ranks)])
+        first_column = i % columns == 0
+        ax.set_yticks(np.arange(ranks) + 0.45, [f"rank {r}" for r in range(ranks)] if first_column else [])
+        ax.tick_params(left=first_column)
         ax.set_xticks([])
-        ax.set_title(label, fontsize=10)
+        ax.set_title(label, fontsize=9)
         for side in ax.spines.values():
             side.set_visible(False)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_messages(records, size, title=None, ax=None):
-    """Who sends to whom at each step: one column per step, an arrow per message (from trace records)."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(1.2 + 1.1 * (1 + max((r["step"] for r in records), default=0)), 0.5 + 0.5 * size))
-    sends = [r for r in records if r["kind"] == "send"]
+def message_rounds(records):
+    """[(round, send record)] for the messages in trace records (trace.gather_trace), in logical rounds.
+
+    A rank's calls happen one after the other, and a message is in the same round at both ends: a
+    round is one column of a message diagram, so an exchange (a Sendrecv pair) takes one round, and
+    rank 0 receiving from ranks 1, 2, 3 in turn takes three. The k-th message from a to b is
+    received by b's k-th receive from a (MPI keeps the order between two ranks); each call gets the
+    smallest round that keeps both rules.
+    """
+    calls = {(r["rank"], r["step"]) for r in records}
+    sends = sorted((r for r in records if r["kind"] == "send"), key=lambda r: r["step"])
+    recvs = sorted((r for r in records if r["kind"] == "recv"), key=lambda r: r["step"])
+    received = {}  # (source, dest) -> the receiving calls, in order
+    for r in recvs:
+        received.setdefault((r["source"], r["dest"]), []).append((r["rank"], r["step"]))
+    pairs, sent_so_far = [], {}
     for r in sends:
-        ax.annotate("", xy=(r["step"] + 0.8, r["dest"]), xytext=(r["step"] + 0.1, r["source"]),
+        k = sent_so_far[r["source"], r["dest"]] = sent_so_far.get((r["source"], r["dest"]), -1) + 1
+        at = received.get((r["source"], r["dest"]), [])
+        pairs.append((r, (r["rank"], r["step"]), at[k] if k < len(at) else None))
+    round_of = dict.fromkeys(calls, 0)
+    for _ in range(len(calls) + 1):  # push rounds forward until both rules hold (a longest path)
+        before = dict(round_of)
+        for rank, step in calls:
+            if (rank, step - 1) in round_of:
+                round_of[rank, step] = max(round_of[rank, step], round_of[rank, step - 1] + 1)
+        for _, sender, receiver in pairs:
+            if receiver is not None:
+                round_of[sender] = round_of[receiver] = max(round_of[sender], round_of[receiver])
+        if round_of == before:
+            break
+    return [(round_of[sender], r) for r, sender, _ in pairs]
+
+
+def plot_messages(records, size, title=None, ax=None):
+    """Who sends to whom in each round (message_rounds): one column per round, an arrow per message."""
+    rounds = message_rounds(records)
+    columns = 1 + max((rnd for rnd, _ in rounds), default=0)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 + 0.8 * columns, 0.5 + 0.5 * size))
+    for rnd, r in rounds:
+        ax.annotate("", xy=(rnd + 0.85, r["dest"]), xytext=(rnd + 0.15, r["source"]),
                     arrowprops=dict(arrowstyle="->", color=plt.get_cmap("tab10")(r["source"] % 10), lw=1.4))
-    steps = 1 + max((r["step"] for r in sends), default=0)
-    ax.set_xlim(0, steps)
+    ax.set_xlim(0, columns)
     ax.set_ylim(size - 0.5, -0.5)
     ax.set_yticks(range(size), [f"rank {k}" for k in range(size)])
-    ax.set_xticks(np.arange(steps) + 0.45, [str(s) for s in range(steps)])
-    ax.set_xlabel("call number on each rank (arrow: one message, at the sender's call)")
+    ax.set_xticks(np.arange(columns) + 0.5, [str(c) for c in range(columns)])
+    for c in range(1, columns):
+        ax.axvline(c, color="0.85", lw=0.8)
+    ax.set_xlabel("round")
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
