@@ -66,12 +66,22 @@ def _check_abort(comm):
         raise RunAborted(*comm.recv(source=MPI.ANY_SOURCE, tag=ABORT))
 
 
-def _complete(comm, requests):
-    """Wait until every MPI request in the list has completed, asleep between looks; RunAborted if
-    another rank aborts meanwhile."""
-    while not MPI.Request.Testall(requests):
+SPIN = 0.002  # seconds a rank finishing a transfer keeps poking MPI (yielding its core) before it sleeps
+
+
+def _until(comm, done):
+    """Wait until done() is true, looking for an abort in between (RunAborted). A big message moves
+    in pieces, each when MPI is poked, so for the first SPIN seconds poke without sleeping (yielding
+    the core to whoever needs it); after that, sleep between pokes: the other side is busy elsewhere."""
+    started = time.monotonic()
+    while not done():
         _check_abort(comm)
-        time.sleep(IDLE_SLEEP)
+        time.sleep(0 if time.monotonic() - started < SPIN else IDLE_SLEEP)
+
+
+def _complete(comm, requests):
+    """Wait until every MPI request in the list has completed (RunAborted if a rank aborts meanwhile)."""
+    _until(comm, lambda: MPI.Request.Testall(requests))
 
 
 def _receive(comm, source, tag, status=None, on_idle=None, idle_every=0.01):
@@ -86,13 +96,9 @@ def _receive(comm, source, tag, status=None, on_idle=None, idle_every=0.01):
         if on_idle is not None and time.monotonic() >= next_idle:
             on_idle()
             next_idle = time.monotonic() + idle_every
-    request = message.irecv()
-    while True:
-        done, obj = request.test()
-        if done:
-            return obj
-        _check_abort(comm)
-        time.sleep(IDLE_SLEEP)
+    request, received = message.irecv(), []
+    _until(comm, lambda: received.append(request.test()) or received[-1][0])
+    return received[-1][1]
 
 
 def wait_sleeping(request, interval=IDLE_SLEEP):
