@@ -49,7 +49,7 @@ exercises: install
 doctor: install
 	$(BIN)/python -m syncml_lib doctor
 
-## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data or BENCH=tasks
+## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks or BENCH=train
 BENCH ?= allreduce
 bench: install
 	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m syncml_lib.bench $(BENCH)

@@ -115,8 +115,28 @@ def test_the_tasks_benchmark_prints_a_row_per_task_time(n):
     assert "per hand-out" in out
 
 
+def test_the_train_benchmark_prints_a_row_per_mechanism_and_per_bucket_layout():
+    out = bench(4, "train", "--epochs", "1", "--target", "0.5", "--hidden", "16", "16", "--bucket-steps", "2",
+                "--repeat", "2").stdout
+    from syncml_lib.bench.train import MECHANISM_RUNS
+
+    for label, _, _ in MECHANISM_RUNS:
+        rows = rows_of(out, label)
+        assert len(rows) == 1 and len(rows[0].split("|")) == 6, out
+        assert "(epoch 1)" in rows[0] and rows[0].strip().endswith("%"), rows[0]  # 0.5 is reached after 1 epoch
+    # the MLP 64-16-16-10 in backward order: 16*10+10, 16*16+16, 64*16+16 floats
+    layers = [170 * 8, 272 * 8, 1040 * 8]
+    expected = {"3 (one per layer)": layers, f"2 (cap {(layers[0] + layers[1]) / 1024:.1f} KB)":
+                [layers[0] + layers[1], layers[2]], "1 (one for everything)": [sum(layers)]}
+    for label, sizes in expected.items():
+        rows = rows_of(out, label)
+        assert len(rows) == 1 and rows[0].count("x") >= 4, out
+        assert rows[0].split("|")[1].strip() == " + ".join(f"{n / 1024:.1f} KB" for n in sizes), rows[0]
+    assert "ratios to one MPI Allreduce" in out
+
+
 @pytest.mark.parametrize("command, n, at_least", [("allreduce", 1, 2), ("ps", 1, 3), ("ps", 2, 3), ("data", 1, 2),
-                                                  ("tasks", 1, 2)])
+                                                  ("tasks", 1, 2), ("train", 1, 2)])
 def test_a_benchmark_refuses_a_rank_count_where_nothing_can_run(command, n, at_least):
     proc = bench(n, command, check=False)
     assert proc.returncode != 0, proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks [options]` (or main(argv)).
+"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train [options]` (or main(argv)).
 
 It parses the options, turns MPICH's progress throttle on for the benchmarks that want it, and only
 then imports the benchmark's module, which starts MPI (mpi4py.MPI initializes it when imported).
@@ -14,13 +14,13 @@ from .common import THROTTLE, progress_throttle
 DEFAULT_SIZES = ["8", "64", "1K", "8K", "64K", "1M", "8M", "64M"]
 DATA_SIZES = ["64K", "1M", "8M"]
 
-# In `ps`, `data` and `tasks` a parameter server's ranks (a key-value store's, a task master's) wait
+# In `ps`, `data`, `tasks` and `train` a parameter server's ranks (a key-value store's, a task master's) wait
 # for requests and replies asleep (rpc.py), but inside an MPI call (a big array under way, an allreduce
 # among the workers) MPICH waits by spinning. With more ranks than cores that takes the cores from the
 # ranks that have work, unless MPICH's progress throttle makes an idle rank yield; the course's engines
 # and mpirun turn it on for the same reason. (`allreduce` runs without it: every rank there is busy, and
 # its tables were measured so.)
-THROTTLED = {"ps", "data", "tasks"}
+THROTTLED = {"ps", "data", "tasks", "train"}
 
 
 def parser():
@@ -53,6 +53,17 @@ def parser():
     tasks.add_argument("--tasks", type=int, default=300, help="tasks per run (default: 300)")
     tasks.add_argument("--repeat", type=int, default=15,
                        help="runs per measurement of empty tasks, a fifth of it for 1 ms tasks (default: 15)")
+
+    training = commands.add_parser("train", help="one model trained with every mechanism; bucketing and overlap")
+    training.add_argument("--epochs", type=int, default=10, help="epochs per mechanism (default: %(default)s)")
+    training.add_argument("--batch-size", type=int, default=32, help="global batch size (default: %(default)s)")
+    training.add_argument("--lr", type=float, default=0.2, help="learning rate (default: %(default)s)")
+    training.add_argument("--target", type=float, default=0.95, help="test accuracy to time (default: %(default)s)")
+    training.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256],
+                          help="hidden layers of the MLP whose gradient is bucketed (default: %(default)s)")
+    training.add_argument("--bucket-steps", type=int, default=40,
+                          help="training steps timed per bucket layout, after a warm-up step (default: %(default)s)")
+    training.add_argument("--repeat", type=int, default=50, help="repeats of the bare allreduces (default: %(default)s)")
 
     # Another benchmark: its subparser here, and a module of its own beside these with main(args).
     return parser
