@@ -42,7 +42,7 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["serve", "call", "reply", "abort", "Run", "RunAborted", "roles", "Roles", "check_same_on_all_ranks",
-           "wait_sleeping", "DEFER", "DONE"]
+           "wait_sleeping", "swallow_interrupts", "DEFER", "DONE"]
 
 REQUEST, REQUEST_ARRAY, REPLY, REPLY_ARRAY, ABORT = 7301, 7302, 7303, 7304, 7305  # tags, away from 0
 DONE = "done"  # the kind a client sends when it has no more requests
@@ -236,12 +236,14 @@ def _interrupts_held():
 INTERRUPT_GRACE = 1.0  # seconds a rank that heard of an interrupt elsewhere waits for its own
 
 
-def _swallow_interrupts(seconds):
+def swallow_interrupts(seconds=None):
     """Wait `seconds`, ignoring SIGINT. A notebook's interrupt sends SIGINT to every engine, one after
     the other; a rank that another rank's abort ended first would otherwise get its own SIGINT just
-    after returning, in the middle of ipyparallel sending its result, which is then lost."""
+    after returning, in the middle of ipyparallel sending its result, which is then lost.
+    seconds: INTERRUPT_GRACE by default."""
     if threading.current_thread() is not threading.main_thread():
         return
+    seconds = INTERRUPT_GRACE if seconds is None else seconds
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         time.sleep(seconds)
@@ -321,7 +323,7 @@ class Run:
             return False
         _left_behind.append(self.comm)
         if isinstance(error, RunAborted) and error.interrupted:
-            _swallow_interrupts(INTERRUPT_GRACE)
+            swallow_interrupts()
         if self.aborted or isinstance(error, RunAborted):
             return False
         who = f"{self.name}: rank {self.comm.rank}"

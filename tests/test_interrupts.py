@@ -1,7 +1,8 @@
 """Interrupting a run on the notebook's MPI engines, as a learner does: every rank stops within seconds,
 and the next run in the same engines is correct.
 
-What JupyterLab's interrupt of a %%px cell does: ipyparallel sends SIGINT to every engine (through each
+The runs: run_parameter_server, run_kvstore, run_tasks (rpc.Run ends them) and chapter 06's train
+(which stops every rank at the same step). What JupyterLab's interrupt of a %%px cell does: ipyparallel sends SIGINT to every engine (through each
 engine's nanny), and every engine raises KeyboardInterrupt wherever it is. Here: start a run of about
 10 s on 4 engines, send SIGINT to every engine after 3 s, wait at most a few seconds for every engine
 to come back, then run a short job on the same engines and compare it with the answer computed here.
@@ -80,12 +81,29 @@ def tasks(n_tasks, sleep):
     return run_tasks(MPI.COMM_WORLD, list(range(n_tasks)), square, schedule="dynamic").results
 
 
+def training(epochs):
+    from mpi4py import MPI
+
+    from syncml_lib.training import train
+    from syncml_lib.training.loop import flatten
+
+    return flatten(train(MPI.COMM_WORLD, "allreduce", epochs=epochs, batch_size=32, lr=0.2).params).tolist()
+
+
+def expected_training(epochs):
+    from syncml_lib.training import train
+    from syncml_lib.training.loop import flatten
+
+    return flatten(train(None, "sequential", epochs=epochs, batch_size=32, lr=0.2).params).tolist()
+
+
 RUNS = {  # long run (about 10 s), short run, what the short run must return on every rank
     "run_parameter_server": (lambda: parameter_server(200, 0.05), lambda: parameter_server(5, 0),
                              expected_parameter_server(5)),
     "run_kvstore": (lambda: kvstore(1000, 0.01), lambda: kvstore(4, 0),
                     [[[float(r)] * 3 for r in range(4)] for _ in range(2)]),
     "run_tasks": (lambda: tasks(900, 0.03), lambda: tasks(20, 0), [t * t for t in range(20)]),
+    "train": (lambda: training(200), lambda: training(1), expected_training(1)),
 }
 
 
@@ -108,8 +126,6 @@ def test_an_interrupt_ends_the_run_on_every_engine_and_the_next_run_is_right(vie
     took = time.monotonic() - interrupted
     reports = running.get()
     kinds = [kind for kind, _, _ in reports]
-    assert "ok" not in kinds, reports
-    assert "KeyboardInterrupt" in kinds, reports
     for kind, message, _ in reports:  # a rank the signal did not reach first hears which rank ended the run
         assert kind == "KeyboardInterrupt" or (kind == "RunAborted" and "interrupted" in message), reports
     print(f"{name}: every engine back {took:.2f} s after the interrupt: {kinds}")
@@ -119,4 +135,4 @@ def test_an_interrupt_ends_the_run_on_every_engine_and_the_next_run_is_right(vie
     assert after.ready(), f"{name}: the next run on the same engines did not finish within 30 s"
     for kind, value, _ in after.get():
         assert kind == "ok", value
-        np.testing.assert_allclose(value, expected, rtol=1e-12)
+        np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-10)

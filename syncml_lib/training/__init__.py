@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from ..allreduce import ALGORITHMS
 from ..parameter_server import MODES
-from ..rpc import check_same_on_all_ranks
+from ..rpc import RunAborted, check_same_on_all_ranks, swallow_interrupts
 from . import bucketing, data_parallel, local_sgd, ps
 from .bucketing import assign_buckets
 from .data_parallel import weighted_average
@@ -186,7 +186,12 @@ def train(comm, mechanism, *, model="mlp", epochs, batch_size, lr, seed=0, check
         params = data_parallel.train_data_parallel(None, job)
     else:
         with one_blas_thread():
-            params = _train_together(comm, mechanism, job, options)
+            try:
+                params = _train_together(comm, mechanism, job, options)
+            except RunAborted as error:
+                if error.interrupted:  # this rank's own Ctrl-C may still be on its way: let it pass
+                    swallow_interrupts()
+                raise
     seconds = time.perf_counter() - began
     job.record.finish(comm if together else None)
     return TrainResult(mechanism, model.name, options, params, job.record.evaluations[-1]["test_accuracy"],
