@@ -3,7 +3,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 __all__ = ["plot_rank_buffers", "message_rounds", "plot_messages", "plot_timeline", "plot_parameter_server",
-           "plot_worker_steps", "plot_owners", "plot_hash_ring", "plot_task_timeline"]
+           "plot_worker_steps", "plot_owners", "plot_hash_ring", "plot_task_timeline", "plot_training_curves",
+           "plot_step_times", "plot_bytes_per_step"]
 
 
 def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis", columns=None, max_width=9.5):
@@ -237,4 +238,95 @@ def plot_task_timeline(trace, n_workers, title=None, ax=None, reassigned=()):
     ax.set_xlabel("milliseconds (a bar: one task, coloured by its number)")
     if title:
         ax.set_title(title, fontsize=10)
+    return ax
+
+
+# ----------------------------------------------------------------------------- chapter 06: training runs
+
+def plot_training_curves(runs, window=10):
+    """Loss and test accuracy of training runs against the step (left) and against wall time (right),
+    one line per run, in one figure 9.5 inches wide. runs: label -> a training.TrainResult (or anything
+    with its history and evaluations). The loss drawn is the mean over the last `window` steps (one
+    step's loss is one batch's: noisy); the test accuracy is measured after each epoch. Runs that are
+    the same up to rounding draw the same line: the last drawn hides the others. Returns the Figure."""
+    fig, axes = plt.subplots(2, 2, figsize=(9.5, 5.8), sharey="row")
+    for i, (label, run) in enumerate(runs.items()):
+        style = dict(color=plt.get_cmap("tab10")(i % 10), lw=1.2, label=label)
+        loss = np.array([row["loss"] for row in run.history])
+        mean = np.convolve(loss, np.ones(window) / window, mode="valid")  # steps window-1 .. last
+        ends = slice(window - 1, None)
+        axes[0, 0].plot([row["step"] for row in run.history][ends], mean, **style)
+        axes[0, 1].plot([row["time"] for row in run.history][ends], mean, **style)
+        for ax, x in ((axes[1, 0], "step"), (axes[1, 1], "time")):
+            ax.plot([e[x] for e in run.evaluations], [e["test_accuracy"] for e in run.evaluations], "o-", ms=3,
+                    **style)
+    axes[0, 0].set_ylabel(f"loss (mean of {window} steps)")
+    axes[1, 0].set_ylabel("test accuracy")
+    axes[1, 0].set_xlabel("step")
+    axes[1, 1].set_xlabel("wall time (s)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_yscale("log")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_step_times(histories, ax=None):
+    """Mean milliseconds per step on each rank, split into compute (dark) and communication (light):
+    a group of bars per run, one bar per rank. histories: label -> one history per rank (rows with
+    compute and communication seconds, as training.TrainResult.history). Returns the Axes."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9.5, 3.4))
+    positions, names, start = [], [], 0
+    for label, ranks in histories.items():
+        for rank, history in enumerate(ranks):
+            compute = 1e3 * np.mean([row["compute"] for row in history])
+            communication = 1e3 * np.mean([row["communication"] for row in history])
+            ax.bar(start + rank, compute, color="tab:blue", width=0.8)
+            ax.bar(start + rank, communication, bottom=compute, color="tab:orange", width=0.8)
+            positions.append(start + rank)
+            names.append(str(rank))
+        ax.text(start + (len(ranks) - 1) / 2, -0.12, label, transform=ax.get_xaxis_transform(), ha="center",
+                va="top", fontsize=7.5)
+        start += len(ranks) + 1
+    ax.set_xticks(positions, names, fontsize=7)
+    ax.set_xlim(-0.8, start - 1.2)
+    ax.set_ylabel("ms per step (bars: ranks)")
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=colour) for colour in ("tab:blue", "tab:orange")],
+              ["compute", "communication (incl. waiting)"], fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
+def plot_bytes_per_step(sent, formulas, ax=None):
+    """Bytes each rank sends per step: a group of bars per run, one bar per rank (measured), a black
+    tick at what the formula predicts for that rank, and the formula under the group's name.
+    sent: label -> one number per rank (None: not counted, e.g. MPI's own collectives).
+    formulas: label -> (the formula as text, one predicted number per rank, or None). Returns the Axes."""
+    slots = sum(len(per_rank) + 1 for per_rank in sent.values())
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9.5, 0.14 * slots + 0.9))
+    colours = plt.get_cmap("tab10")
+    centres, names, y = [], [], 0
+    for label, per_rank in sent.items():
+        text, predicted = formulas.get(label, ("", None))
+        for rank, value in enumerate(per_rank):
+            if value is not None:
+                ax.barh(y + rank, value / 1e3, height=0.8, color=colours(rank % 10))
+            if predicted is not None:
+                ax.plot(predicted[rank] / 1e3, y + rank, "k|", ms=8, mew=2)
+        if all(value is None for value in per_rank):
+            ax.text(0, y + (len(per_rank) - 1) / 2, "  not counted (MPI's own collective)", va="center", fontsize=8)
+        centres.append(y + (len(per_rank) - 1) / 2)
+        names.append(f"{label}\n{text}" if text else label)
+        y += len(per_rank) + 1
+    ranks = max(len(per_rank) for per_rank in sent.values())
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours(rank % 10)) for rank in range(ranks)]
+    handles.append(plt.Line2D([], [], color="black", marker="|", ls="", ms=8, mew=2))
+    ax.legend(handles, [f"rank {rank}" for rank in range(ranks)] + ["formula"], fontsize=8, loc="lower right")
+    ax.set_yticks(centres, names, fontsize=8)
+    ax.set_ylim(y - 1, -1)
+    ax.set_xlabel("KB sent per step (1 KB = 1000 bytes)")
+    ax.grid(axis="x", alpha=0.3)
     return ax
