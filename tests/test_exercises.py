@@ -1,5 +1,6 @@
 """Exercises come from solutions; their checks pass the solutions and fail the stubs, saying why."""
 import inspect
+import re
 import sys
 
 import nbformat
@@ -59,6 +60,9 @@ EXERCISES = [
     ("05_task_scheduling", "guided_chunk", checks.check_guided_chunk, (2, 4)),
     ("05_task_scheduling", "expired_leases", checks.check_expired_leases, (2, 4)),
     ("05_task_scheduling", "record_result", checks.check_record_result, (2, 4)),
+    ("06_data_parallel_training", "weighted_average", checks.check_weighted_average, (1, 2, 3, 4)),
+    ("06_data_parallel_training", "average_parameters", checks.check_average_parameters, (1, 2, 3, 4)),
+    ("06_data_parallel_training", "assign_buckets", checks.check_assign_buckets, (1, 3, 4)),
 ]
 
 
@@ -646,3 +650,264 @@ def test_shard_check_refuses_np_array_split():
     with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: shard\(np.arange\(10\), 1\) called np.array_split: the "
                                                  r"exercise asks you to cut the slices yourself, with slicing"):
         checks.check_shard(shard_with_array_split, n=2)
+
+
+# ---------------------------------------------------------------- chapter 06
+
+def summed_over_ranks(comm, arrays, weight=1):
+    """weight * each array, summed over the ranks with the buffer-based Allreduce: a new dict."""
+    total = {}
+    for name, value in arrays.items():
+        total[name] = np.empty_like(value)
+        comm.Allreduce(weight * value, total[name])
+    return total
+
+
+def right_weighted_average(comm, grads, n_local):
+    n_total = comm.allreduce(n_local)
+    return {name: total / n_total for name, total in summed_over_ranks(comm, grads, n_local).items()}
+
+
+def unweighted_mean_of_means(comm, grads, n_local):
+    return {name: total / comm.size for name, total in summed_over_ranks(comm, grads).items()}
+
+
+def sum_of_means(comm, grads, n_local):
+    return summed_over_ranks(comm, grads)
+
+
+def weighted_sum_over_p(comm, grads, n_local):
+    return {name: total / comm.size for name, total in summed_over_ranks(comm, grads, n_local).items()}
+
+
+def weights_grads_in_place(comm, grads, n_local):
+    for grad in grads.values():
+        grad *= n_local
+    n_total = comm.allreduce(n_local)
+    return {name: total / n_total for name, total in summed_over_ranks(comm, grads).items()}
+
+
+def average_as_a_list(comm, grads, n_local):
+    return list(right_weighted_average(comm, grads, n_local).values())
+
+
+def average_by_pickle(comm, grads, n_local):
+    n_total = comm.allreduce(n_local)
+    return {name: comm.allreduce(n_local * grad) / n_total for name, grad in grads.items()}
+
+
+_calls_in_a_run = [0]  # per process: each check runs in an mpiexec of its own
+
+
+def weighted_sum_of_means_from_step_5(comm, grads, n_local):
+    """Right alone (the check's trials name their parameters W and b); in a run, from its 6th call on, the
+    sum of the ranks' means."""
+    if "W1" in grads:
+        _calls_in_a_run[0] += 1
+        if _calls_in_a_run[0] > 5:
+            return sum_of_means(comm, grads, n_local)
+    return right_weighted_average(comm, grads, n_local)
+
+
+def test_weighted_average_check_names_each_classic_mistake():
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: trial 0 \(examples by rank \[1, 6, 4\]\): W\[\d, \d\] is .*, "
+                                                 r"expected .*: that is the mean of the ranks' means, which weights each "
+                                                 r"rank equally: ranks with fewer examples count too much \(rank 0 has 1 of "
+                                                 r"the 11 examples, yet counts for 1/3\)"):
+        checks.check_weighted_average(unweighted_mean_of_means, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"that is the sum of the ranks' means, not divided: about p = 3 times the "
+                                                 r"mean gradient, so the learning rate is multiplied by p"):
+        checks.check_weighted_average(sum_of_means, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"that is sum_r n_r g_r divided by the number of ranks p = 3; divide by "
+                                                 r"the total count of examples N = sum_r n_r = 11"):
+        checks.check_weighted_average(weighted_sum_over_p, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 1, 2: trial 0 .*: your function changed grads\['W'\] in place"):
+        checks.check_weighted_average(weights_grads_in_place, n=3)  # rank 0 has 1 example: times 1 changes nothing
+    with pytest.raises(checks.CheckFailed, match=r"returned a list: return a dict name -> array, with the names of grads"):
+        checks.check_weighted_average(average_as_a_list, n=2)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: trial 0 .*: your function sent arrays through the "
+                                                 r"pickle-based comm.allreduce.*use the buffer-based comm.Allreduce"):
+        checks.check_weighted_average(average_by_pickle, n=2)
+
+
+def test_weighted_average_check_names_the_step_parameter_and_rank_in_a_real_run():
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_weighted_average(weighted_sum_of_means_from_step_5, n=3)
+    message = str(info.value)
+    # 61 examples on 3 ranks: 21, 20, 20
+    assert "ranks 0, 1, 2: trial" not in message
+    for ranks, examples in (("rank 0", 21), ("ranks 1, 2", 20)):
+        assert re.search(rf"{ranks}: a real train\(comm, 'allreduce', model='mlp', epochs=1, batch_size=61, lr=0.2\), "
+                         rf"step 5: your function returned (W|b)\d(\[[\d, ]+\])? = \S+, expected \S+ \(the mean gradient "
+                         rf"over the global batch's 61 examples; this rank had {examples} of them\)", message), message
+
+
+def right_average(comm, params):
+    return {name: total / comm.size for name, total in summed_over_ranks(comm, params).items()}
+
+
+def average_with_the_left_neighbour(comm, params):
+    average = {}
+    for name, value in params.items():
+        left = np.empty_like(value)
+        comm.Sendrecv(value, dest=(comm.rank + 1) % comm.size, recvbuf=left, source=(comm.rank - 1) % comm.size)
+        average[name] = (value + left) / 2
+    return average
+
+
+def average_in_place(comm, params):
+    from mpi4py import MPI
+    for value in params.values():
+        comm.Allreduce(MPI.IN_PLACE, value)
+        value /= comm.size
+    return params
+
+
+def average_skipped_by_rank_one(comm, params):
+    if comm.rank == 1:
+        return {name: value.copy() for name, value in params.items()}
+    return right_average(comm, params)
+
+
+def average_keeping_its_own_from_the_second_run(comm, params):
+    """Right alone and in the H=1 run (23 averages); in the H=4 run, each rank keeps its own parameters."""
+    if "W1" in params:
+        _calls_in_a_run[0] += 1
+        if _calls_in_a_run[0] > 23:
+            right_average(comm, params)  # the same collectives as the right answer, its result thrown away
+            return {name: value.copy() for name, value in params.items()}
+    return right_average(comm, params)
+
+
+def test_average_parameters_check_names_each_classic_mistake():
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: trial 0: W\[\d, \d\] is .*, expected .*: that is the sum "
+                                                 r"over the ranks, not divided by their number p = 3"):
+        checks.check_average_parameters(summed_over_ranks, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"rank 0: trial 0: .*: that is the mean of this rank's and rank 2's "
+                                                 r"parameters only: every rank must get the mean over all 3 ranks"):
+        checks.check_average_parameters(average_with_the_left_neighbour, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: trial 0: your function changed params\['W'\] in place: "
+                                                 r"leave the caller's arrays as they are and return new ones"):
+        checks.check_average_parameters(average_in_place, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"rank 1: trial 0: W\[\d, \d\] is .*: that is this rank's own parameters: "
+                                                 r"no averaging happened"):
+        checks.check_average_parameters(lambda comm, params: params, n=2)
+    with pytest.raises(checks.CheckFailed, match=r"rank 0: trial 0: your function returned params' own arrays"):
+        checks.check_average_parameters(lambda comm, params: params, n=1)  # the right values on 1 rank
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: did not finish within 5s"):
+        checks.check_average_parameters(average_skipped_by_rank_one, n=3, timeout=5)
+
+
+def test_average_parameters_check_runs_local_sgd_with_h_4_too():
+    with pytest.raises(checks.CheckFailed, match=r"rank 0: a real train\(comm, 'local_sgd', model='mlp', H=4, epochs=1, "
+                                                 r"batch_size=61, lr=0.2\), step 3: your function returned .* \(the mean "
+                                                 r"over the 3 ranks of the parameters they passed\)"):
+        checks.check_average_parameters(average_keeping_its_own_from_the_second_run, n=3)
+
+
+def within(filled, size, cap):
+    return cap is None or filled + size <= cap
+
+
+def buckets(layer_sizes, bucket_bytes, order=None, fits=within):
+    """Right (with the defaults): the positions in `order` (default: as given), a bucket taking the next
+    layer while fits(its bytes so far, the layer's, bucket_bytes)."""
+    result, filled = [], 0
+    for position in order if order is not None else range(len(layer_sizes)):
+        if result and fits(filled, layer_sizes[position], bucket_bytes):
+            result[-1].append(position)
+            filled += layer_sizes[position]
+        else:
+            result.append([position])
+            filled = layer_sizes[position]
+    return result
+
+
+def buckets_in_forward_order(layer_sizes, bucket_bytes):
+    return buckets(layer_sizes, bucket_bytes, order=reversed(range(len(layer_sizes))))
+
+
+def buckets_closed_once_over(layer_sizes, bucket_bytes):
+    """Closes a bucket only after it went over the cap: a bucket of several layers then passes it."""
+    return buckets(layer_sizes, bucket_bytes, fits=lambda filled, size, cap: cap is None or filled < cap)
+
+
+def buckets_comparing_none(layer_sizes, bucket_bytes):
+    return buckets(layer_sizes, bucket_bytes, fits=lambda filled, size, cap: filled + size <= cap)
+
+
+def buckets_per_rank(layer_sizes, bucket_bytes):
+    from mpi4py import MPI
+    return [[i] for i in range(len(layer_sizes))] if MPI.COMM_WORLD.rank == 2 else buckets(layer_sizes, bucket_bytes)
+
+
+_bucket_calls = [0]
+
+
+def buckets_reversed_in_a_run(layer_sizes, bucket_bytes):
+    """Right in the check's table (each of its 8 cases is asked twice); in the run, each bucket reversed."""
+    _bucket_calls[0] += 1
+    result = buckets(layer_sizes, bucket_bytes)
+    return [bucket[::-1] for bucket in result] if _bucket_calls[0] > 16 else result
+
+
+def test_assign_buckets_check_names_each_classic_mistake():
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: assign_buckets\(\[10, 20, 30\], None\) returned \[\[2, 1, 0\]\], "
+                                                 r"expected \[\[0, 1, 2\]\]: the buckets take the layers in forward order"):
+        checks.check_assign_buckets(buckets_in_forward_order, n=2)
+    with pytest.raises(checks.CheckFailed, match=r"assign_buckets\(\[10, 20, 30\], 29\) returned \[\[0, 1\], \[2\]\], expected "
+                                                 r"\[\[0\], \[1\], \[2\]\]: bucket \[0, 1\] holds 10 \+ 20 = 30 bytes, over "
+                                                 r"bucket_bytes=29: a bucket may pass the cap only when it holds a single layer"):
+        checks.check_assign_buckets(buckets_closed_once_over, n=2)
+    with pytest.raises(checks.CheckFailed, match=r"returned \[\[0, 1\]\], expected \[\[0, 1, 2\]\]: layer 2 is in no bucket"):
+        checks.check_assign_buckets(lambda sizes, cap: buckets(sizes[:2], cap), n=2)
+    with pytest.raises(checks.CheckFailed, match=r"returned \[\[0, 1, 2\], \[2\]\], expected \[\[0, 1, 2\]\]: layer 2 is in 2 "
+                                                 r"buckets: every layer goes in exactly one"):
+        checks.check_assign_buckets(lambda sizes, cap: buckets(sizes, cap) + [[len(sizes) - 1]], n=2)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: assign_buckets\(\[10, 20, 30\], None\): on rank 0 returned "
+                                                 r"\[\[0, 1, 2\]\], on rank 2 returned \[\[0\], \[1\], \[2\]\]: every rank must "
+                                                 r"make the same buckets"):
+        checks.check_assign_buckets(buckets_per_rank, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"raised TypeError: .*NoneType.*: bucket_bytes=None means one bucket "
+                                                 r"for everything; test for None before comparing"):
+        checks.check_assign_buckets(buckets_comparing_none, n=2)
+
+
+def test_assign_buckets_check_insists_on_lists_of_ints():
+    with pytest.raises(checks.CheckFailed, match=r"returned \[\(0, 1, 2\)\]: return a list of buckets, each a list of "
+                                                 r"positions"):
+        checks.check_assign_buckets(lambda sizes, cap: [tuple(b) for b in buckets(sizes, cap)], n=2)
+    with pytest.raises(checks.CheckFailed, match=r"returned \[\[0.0, 1.0, 2.0\]\]: 0.0, a float is not a position"):
+        checks.check_assign_buckets(lambda sizes, cap: [[float(i) for i in b] for b in buckets(sizes, cap)], n=2)
+
+
+def test_assign_buckets_check_runs_the_buckets_for_real():
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: a real train\(comm, 'bucketed', model='mlp 64-48-32-24-10', "
+                                                 r"bucket_bytes=10000, overlap=True, .*; in the run, assign_buckets\(\[2000, "
+                                                 r"6336, 12544, 24960\], 10000\) returned \[\[1, 0\], \[2\], \[3\]\]"):
+        checks.check_assign_buckets(buckets_reversed_in_a_run, n=3)
+
+
+def test_chapter_06_checks_run_what_their_tables_say():
+    from syncml_lib.checks import training
+    from syncml_lib.training import MLP
+    # the run's MLP: its layers' gradient bytes, last layer first, are the table's last case
+    model = MLP(training.BUCKET_MODEL)
+    params = model.init(0)
+    sizes = [8 * sum(params[name].size for name in model.layers[layer]) for layer in reversed(range(4))]
+    assert list(training.BUCKET_CASES[-1][0]) == [sizes, training.BUCKET_CAP]
+    # the runs' global batch divides by no rank count from 2 to 5: unequal shards
+    assert all(training.RUN["batch_size"] % p for p in range(2, 6))
+
+
+def test_a_run_that_went_wrong_names_the_first_wrong_update_from_the_losses():
+    from types import SimpleNamespace
+    from syncml_lib.checks.training import _final_problem
+    losses = [2.3, 2.2, 2.1, 2.0]
+    reference = SimpleNamespace(params={"b": np.zeros(3)}, history=[dict(step=s, loss=l) for s, l in enumerate(losses)])
+    result = SimpleNamespace(params={"b": np.array([0.0, 0.5, 0.0])},
+                             history=[dict(step=s, loss=l + (s >= 2)) for s, l in enumerate(losses)])
+    assert _final_problem("the run", reference, reference, 1e-12, "the reference") is None
+    assert _final_problem("the run", result, reference, 1e-12, "the reference") == (
+        "the run with your function ended with b[1] = 0.5 on this rank, expected 0 (the reference), 0.5 apart "
+        "(allowed: 1e-12); the loss first differs at step 2 (3.1, expected 2.1), so the update of step 1 went wrong")

@@ -13,6 +13,7 @@ prints what passed; it gives up after TIMEOUT seconds (a hang) and says which ra
     allreduce.py         chapter 03: the ring's reduce-scatter and allgather, recursive doubling
     data.py              chapter 04: a real scatter, the sampler's indices, the owners of a key
     scheduling.py        chapter 05: guided chunks, expired leases, the first result of a task
+    training.py          chapter 06: the weighted gradient average, local SGD's averaging, the buckets
 """
 from .harness import TIMEOUT, CheckFailed, run_on_ranks
 from .tour import check_global_mean, global_mean_inputs
@@ -20,8 +21,10 @@ from .parameter_server import check_momentum, check_shard, check_ssp_rule
 from .allreduce import check_recursive_doubling, check_ring_allgather, check_ring_reduce_scatter
 from .data import check_epoch_indices, check_ring_owners, check_scatter_rows
 from .scheduling import check_expired_leases, check_guided_chunk, check_record_result
+from .training import check_assign_buckets, check_average_parameters, check_weighted_average
 
 __all__ = ["CheckFailed", "run_on_ranks", "TIMEOUT", "check_global_mean", "check_ring_reduce_scatter",
            "check_ring_allgather", "check_recursive_doubling", "check_ssp_rule", "check_momentum", "check_shard",
            "check_scatter_rows", "check_epoch_indices", "check_ring_owners", "check_guided_chunk",
-           "check_expired_leases", "check_record_result"]
+           "check_expired_leases", "check_record_result", "check_weighted_average", "check_average_parameters",
+           "check_assign_buckets"]

@@ -18,7 +18,8 @@ import numpy as np
 from .. import mpirun
 
 # Seconds every check waits for every rank before it calls the learner's function stuck. A right answer
-# passes the slowest check (a real SSP run with a slow worker) in about 1.5 s, mpiexec's start included.
+# passes the slowest check (chapter 06, a real training run; most of it is importing scikit-learn) in about
+# 3 s on 4 ranks, mpiexec's start included.
 TIMEOUT = 30
 
 
