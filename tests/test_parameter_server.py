@@ -428,14 +428,17 @@ def test_a_server_failing_after_its_acknowledgement_ends_the_run_on_every_rank(p
         assert_close(found["afterwards"], sequential(LEAST_SQUARES, least_squares_grad, 3, 0.1, p - n_servers))
 
 
+def one_gradient(params, worker, step):
+    """The same gradient for every worker at every step: in whatever order a server gets the pushes
+    (ASP lets a fast worker run steps ahead), the sequence of gradients it applies is the same."""
+    return constant_grad(params, 0, 0)
+
+
 def momentum_job(comm, n_servers, steps, lr, momentum):
     from syncml_lib.parameter_server import run_parameter_server as ps
 
-    def same_for_every_worker(params, worker, step):  # the order of the pushes in a step cannot matter
-        return constant_grad(params, 0, step)
-
     common = dict(steps=steps, lr=lr, optimizer="momentum", momentum=momentum, n_servers=n_servers)
-    return {mode: ps(comm, MIXED, same_for_every_worker, mode=mode, **common).params for mode in MODES}
+    return {mode: ps(comm, MIXED, one_gradient, mode=mode, **common).params for mode in MODES}
 
 
 def per_push_momentum(init, steps, lr, momentum, n_workers):
@@ -443,7 +446,7 @@ def per_push_momentum(init, steps, lr, momentum, n_workers):
     params = {name: np.array(value, dtype=float) for name, value in init.items()}
     velocity = {name: np.zeros_like(value) for name, value in params.items()}
     for t in range(steps):
-        grad = constant_grad(params, 0, t)
+        grad = one_gradient(params, 0, t)
         for _ in range(n_workers):
             for name in params:
                 velocity[name] = momentum * velocity[name] + grad[name]
@@ -455,8 +458,7 @@ def per_push_momentum(init, steps, lr, momentum, n_workers):
 def test_momentum_in_ssp_and_asp_is_per_push_not_bsp_momentum(p, n_servers):
     n_workers, steps, lr, m = p - n_servers, 6, 0.05, 0.9
     found = run(momentum_job, p, n_servers, steps, lr, m, timeout=60)[0]
-    bsp_reference = sequential(MIXED, lambda params, w, t: constant_grad(params, 0, t), steps, lr, n_workers,
-                               "momentum", m)
+    bsp_reference = sequential(MIXED, one_gradient, steps, lr, n_workers, "momentum", m)
     assert_close(found["bsp"], bsp_reference)
     per_push = per_push_momentum(MIXED, steps, lr, m, n_workers)
     assert_close(found["ssp"], per_push)   # staleness 0: BSP's reads, and still not BSP's momentum
