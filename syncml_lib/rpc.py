@@ -42,7 +42,7 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["serve", "call", "reply", "abort", "Run", "RunAborted", "roles", "Roles", "check_same_on_all_ranks",
-           "wait_sleeping", "swallow_interrupts", "DEFER", "DONE"]
+           "wait_sleeping", "interrupts_noted", "swallow_interrupts", "DEFER", "DONE"]
 
 REQUEST, REQUEST_ARRAY, REPLY, REPLY_ARRAY, ABORT = 7301, 7302, 7303, 7304, 7305  # tags, away from 0
 DONE = "done"  # the kind a client sends when it has no more requests
@@ -215,21 +215,29 @@ _left_behind = []  # communicators of aborted runs, and abort messages under way
 
 
 @contextlib.contextmanager
-def _interrupts_held():
-    """Hold Ctrl-C / SIGINT (a notebook's interrupt of a %%px cell) until the block is over, then raise
-    KeyboardInterrupt. For blocks of collective calls that every rank must finish together: a rank
-    that left one halfway would leave the others waiting inside MPI, where nothing reaches them.
-    (Only the main thread can set signal handlers; elsewhere this holds nothing.)"""
+def interrupts_noted():
+    """Within the block, SIGINT (Ctrl-C, a notebook's interrupt of a %%px cell) appends to the list it
+    yields instead of raising KeyboardInterrupt. (Only the main thread can set signal handlers;
+    elsewhere nothing is caught.)"""
+    noted = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield noted
         return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
     try:
-        yield
+        yield noted
     finally:
         signal.signal(signal.SIGINT, previous)
-    if caught:
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold Ctrl-C until the block is over, then raise KeyboardInterrupt. For blocks of collective calls
+    that every rank must finish together: a rank that left one halfway would leave the others waiting
+    inside MPI, where nothing reaches them."""
+    with interrupts_noted() as noted:
+        yield
+    if noted:
         raise KeyboardInterrupt
 
 

@@ -14,16 +14,13 @@ marks the rank interrupted (interrupts_noted), and the rank's next gradient is N
 stops at the same step with RunAborted(..., interrupted=True) instead of some of them leaving while
 the others wait for them inside MPI.
 """
-import contextlib
 import hashlib
-import signal
-import threading
 import time
 
 import numpy as np
 
 from ..parameter_server import check_gradients
-from ..rpc import RunAborted, wait_sleeping
+from ..rpc import RunAborted, interrupts_noted, wait_sleeping
 from . import digits
 
 __all__ = ["Job", "Record", "one_blas_thread", "interrupts_noted", "INTERRUPTED", "forward_checked",
@@ -72,21 +69,6 @@ def one_blas_thread():
 
 
 INTERRUPTED = "interrupted (KeyboardInterrupt)"
-
-
-@contextlib.contextmanager
-def interrupts_noted():
-    """Within the block, SIGINT (Ctrl-C) appends to the list it yields instead of raising
-    KeyboardInterrupt (in the main thread; elsewhere nothing is caught)."""
-    noted = []
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------- one shard's gradient, checked
