@@ -42,6 +42,7 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["serve", "call", "reply", "abort", "Run", "RunAborted", "roles", "Roles", "check_same_on_all_ranks",
+           "wait_until", "complete",
            "wait_sleeping", "interrupts_noted", "swallow_interrupts", "DEFER", "DONE"]
 
 REQUEST, REQUEST_ARRAY, REPLY, REPLY_ARRAY, ABORT = 7301, 7302, 7303, 7304, 7305  # tags, away from 0
@@ -69,7 +70,7 @@ def _check_abort(comm):
 SPIN = 0.002  # seconds a rank finishing a transfer keeps poking MPI (yielding its core) before it sleeps
 
 
-def _until(comm, done):
+def wait_until(comm, done):
     """Wait until done() is true, looking for an abort in between (RunAborted). A big message moves
     in pieces, each when MPI is poked, so for the first SPIN seconds poke without sleeping (yielding
     the core to whoever needs it); after that, sleep between pokes: the other side is busy elsewhere."""
@@ -79,9 +80,9 @@ def _until(comm, done):
         time.sleep(0 if time.monotonic() - started < SPIN else IDLE_SLEEP)
 
 
-def _complete(comm, requests):
+def complete(comm, requests):
     """Wait until every MPI request in the list has completed (RunAborted if a rank aborts meanwhile)."""
-    _until(comm, lambda: MPI.Request.Testall(requests))
+    wait_until(comm, lambda: MPI.Request.Testall(requests))
 
 
 def _receive(comm, source, tag, status=None, on_idle=None, idle_every=0.01):
@@ -97,7 +98,7 @@ def _receive(comm, source, tag, status=None, on_idle=None, idle_every=0.01):
             on_idle()
             next_idle = time.monotonic() + idle_every
     request, received = message.irecv(), []
-    _until(comm, lambda: received.append(request.test()) or received[-1][0])
+    wait_until(comm, lambda: received.append(request.test()) or received[-1][0])
     return received[-1][1]
 
 
@@ -135,13 +136,13 @@ def _raw(a):
 
 def _send(comm, control, arrays, dest, tag, array_tag):
     """Send a pickled control message and then each array's bytes; return once all have gone."""
-    _complete(comm, [comm.isend(control, dest=dest, tag=tag)] +
+    complete(comm, [comm.isend(control, dest=dest, tag=tag)] +
               [comm.Isend([_raw(a), MPI.BYTE], dest=dest, tag=array_tag) for a in arrays])
 
 
 def _recv_arrays(comm, specs, source, tag):
     arrays = [np.empty(shape, dtype=dtype) for shape, dtype in specs]
-    _complete(comm, [comm.Irecv([_raw(a), MPI.BYTE], source=source, tag=tag) for a in arrays])
+    complete(comm, [comm.Irecv([_raw(a), MPI.BYTE], source=source, tag=tag) for a in arrays])
     return arrays
 
 
@@ -320,7 +321,7 @@ class Run:
         """Everyone's `mine`, by rank, once every rank has got here (pickle-based: small results).
         RunAborted if a rank aborts before it gets here; an interrupt meanwhile waits for the end."""
         with _interrupts_held():
-            _complete(self.comm, [self.comm.Ibarrier()])
+            complete(self.comm, [self.comm.Ibarrier()])
             everyone = self.comm.allgather(mine)
             self.finished = True
         return everyone

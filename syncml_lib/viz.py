@@ -4,7 +4,7 @@ import numpy as np
 
 __all__ = ["plot_rank_buffers", "message_rounds", "plot_messages", "plot_timeline", "plot_parameter_server",
            "plot_worker_steps", "plot_owners", "plot_hash_ring", "plot_task_timeline", "plot_training_curves",
-           "plot_step_times", "plot_bytes_per_step"]
+           "plot_step_times", "plot_bytes_per_step", "plot_space_time"]
 
 
 def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis", columns=None, max_width=9.5):
@@ -125,6 +125,45 @@ def plot_timeline(records, size, title=None, ax=None):
     ax.set_ylim(size - 0.5, -0.5)
     ax.set_yticks(range(size), [f"rank {k}" for k in range(size)])
     ax.set_xlabel("milliseconds (one bar per message, colour = step)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_space_time(run, title=None, ax=None, lamport=None):
+    """A space-time diagram of a consistency.ClockedRun: one line per rank, a box per iteration (its
+    number inside), gray where the rank waited, an arrow per clock message from its send to the moment
+    its receiver took it in. `lamport` (clocks.lamport_clocks of run.messages) labels each event."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.7 + 0.55 * len({row["rank"] for row in run.iterations})))
+    ranks = sorted({row["rank"] for row in run.iterations})
+    colours = plt.get_cmap("tab10")
+    for rank in ranks:
+        previous_end = 0.0
+        for row in run.of_rank(rank):
+            if row["start"] > previous_end:
+                ax.barh(rank, 1e3 * (row["start"] - previous_end), left=1e3 * previous_end, height=0.5, color="0.85")
+            ax.barh(rank, 1e3 * (row["end"] - row["start"]), left=1e3 * row["start"], height=0.5,
+                    color=colours(rank % 10), edgecolor="white", lw=0.5)
+            ax.text(1e3 * (row["start"] + row["end"]) / 2, rank, str(row["iteration"]), ha="center", va="center",
+                    fontsize=7, color="white")
+            previous_end = row["end"]
+    from .clocks import matched_messages
+
+    records = lamport or run.messages
+    for send, receive in matched_messages(records):
+        s, r = records[send], records[receive]
+        ax.annotate("", xy=(1e3 * r["end"], r["rank"]), xytext=(1e3 * s["start"], s["rank"]),
+                    arrowprops=dict(arrowstyle="->", color=colours(s["rank"] % 10), lw=0.7, alpha=0.6,
+                                    shrinkA=0, shrinkB=0))
+    if lamport:
+        for record in lamport:
+            at = record["start"] if record["kind"] == "send" else record["end"]
+            ax.text(1e3 * at, record["rank"] + (-0.32 if record["kind"] == "send" else 0.4), str(record["lamport"]),
+                    ha="center", fontsize=6.5, color="black")
+    ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+    ax.set_ylim(len(ranks) - 0.4, -0.6)
+    ax.set_xlabel("milliseconds (a box: one iteration; gray: waiting; an arrow: a clock message)")
     if title:
         ax.set_title(title, fontsize=10)
     return ax

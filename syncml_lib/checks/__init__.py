@@ -9,6 +9,7 @@ prints what passed; it gives up after TIMEOUT seconds (a hang) and says which ra
 
     harness.py           the machinery every check shares (run_on_ranks, CheckFailed, exercise_check)
     tour.py              chapter 00: a global mean
+    synchronize.py       chapter 01: the Lamport clock rule, the compare-and-set update, the wait at a barrier
     parameter_server.py  chapter 02: SSP's admission rule, the momentum update, shards
     allreduce.py         chapter 03: the ring's reduce-scatter and allgather, recursive doubling
     data.py              chapter 04: a real scatter, the sampler's indices, the owners of a key
@@ -17,13 +18,15 @@ prints what passed; it gives up after TIMEOUT seconds (a hang) and says which ra
 """
 from .harness import TIMEOUT, CheckFailed, run_on_ranks
 from .tour import check_global_mean, global_mean_inputs
+from .synchronize import check_cas_update, check_expected_wait, check_lamport_tick
 from .parameter_server import check_momentum, check_shard, check_ssp_rule
 from .allreduce import check_recursive_doubling, check_ring_allgather, check_ring_reduce_scatter
 from .data import check_epoch_indices, check_ring_owners, check_scatter_rows
 from .scheduling import check_expired_leases, check_guided_chunk, check_record_result
 from .training import check_assign_buckets, check_average_parameters, check_weighted_average
 
-__all__ = ["CheckFailed", "run_on_ranks", "TIMEOUT", "check_global_mean", "check_ring_reduce_scatter",
+__all__ = ["CheckFailed", "run_on_ranks", "TIMEOUT", "check_global_mean", "check_lamport_tick", "check_cas_update",
+           "check_expected_wait", "check_ring_reduce_scatter",
            "check_ring_allgather", "check_recursive_doubling", "check_ssp_rule", "check_momentum", "check_shard",
            "check_scatter_rows", "check_epoch_indices", "check_ring_owners", "check_guided_chunk",
            "check_expired_leases", "check_record_result", "check_weighted_average", "check_average_parameters",
