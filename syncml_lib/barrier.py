@@ -54,13 +54,13 @@ class BarrierSteps:
 
 def run_barrier_steps(comm, delays):
     """Collective: for each step t, sleep delays[t] seconds (this rank's work), then wait at a barrier.
-    Every rank must pass the same number of steps (else ValueError on every rank). Returns BarrierSteps
+    Every rank must pass the same number of steps, each >= 0 (else ValueError on every rank). Returns BarrierSteps
     on every rank. Cost: one barrier per step, about 2 log2(p) message latencies after the last arrival."""
     delays = np.asarray(delays, dtype=float)
     with rpc.Run(comm, "run_barrier_steps") as run:
         with run.setup():
-            if delays.ndim != 1 or (delays < 0).any() or not np.isfinite(delays).all():
-                raise ValueError(f"run_barrier_steps: delays must be a 1-D array of seconds >= 0 on rank {comm.rank}")
+            bad = delays.ndim != 1 or (delays < 0).any() or not np.isfinite(delays).all()
+            rpc.refuse_on_every_rank(run.comm, "run_barrier_steps", "delays must be a 1-D array of seconds >= 0" if bad else None)
             rpc.check_same_on_all_ranks(run.comm, "run_barrier_steps", steps=len(delays))
         waits, step_times = np.zeros(len(delays)), np.zeros(len(delays))
         for t, delay in enumerate(delays):

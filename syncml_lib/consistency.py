@@ -29,7 +29,7 @@ import numpy as np
 from . import rpc
 from .trace import TracedComm
 
-__all__ = ["run_clocked_workers", "ClockedRun", "CLOCK_TAG"]
+__all__ = ["run_clocked_workers", "ClockedRun", "makespan_floor", "CLOCK_TAG"]
 
 CLOCK_TAG = 11  # every clock message has this tag: between two ranks they arrive in the order they were sent
 
@@ -54,6 +54,19 @@ class ClockedRun:
         ranks = sorted({row["rank"] for row in self.iterations})
         return [sum(row["start"] - prev for row, prev in zip(self.of_rank(r), [0.0] + [x["end"] for x in self.of_rank(r)]))
                 for r in ranks]
+
+
+def makespan_floor(delays, staleness):
+    """When the last iteration would end if messages cost nothing: delays[r][t] is rank r's work at
+    iteration t, and a rank starts iteration t after its own t - 1 and after every rank's iteration
+    t - staleness - 1 (None: never waits). A floor that a measured run stays above."""
+    delays = np.asarray(delays, dtype=float)
+    ends = np.zeros_like(delays)
+    for t in range(delays.shape[1]):
+        own = ends[:, t - 1] if t else 0.0
+        everyone = ends[:, t - staleness - 1].max() if staleness is not None and t > staleness else 0.0
+        ends[:, t] = np.maximum(own, everyone) + delays[:, t]
+    return float(ends.max(initial=0.0))
 
 
 class _Peers:
@@ -99,11 +112,12 @@ def run_clocked_workers(comm, delays, staleness):
     delays = np.asarray(delays, dtype=float)
     with rpc.Run(comm, "run_clocked_workers") as run:
         with run.setup():
-            if delays.ndim != 1 or (delays < 0).any() or not np.isfinite(delays).all():
-                raise ValueError(f"run_clocked_workers: delays must be a 1-D array of seconds >= 0 on rank {comm.rank}")
+            bad = delays.ndim != 1 or (delays < 0).any() or not np.isfinite(delays).all()
+            rpc.refuse_on_every_rank(run.comm, "run_clocked_workers",
+                                     "delays must be a 1-D array of seconds >= 0" if bad else None)
+            rpc.check_same_on_all_ranks(run.comm, "run_clocked_workers", iterations=len(delays), staleness=staleness)
             if staleness is not None and (not isinstance(staleness, int) or staleness < 0):
                 raise ValueError(f"run_clocked_workers: staleness must be an int >= 0 or None (ASP), got {staleness!r}")
-            rpc.check_same_on_all_ranks(run.comm, "run_clocked_workers", iterations=len(delays), staleness=staleness)
             traced = TracedComm(run.comm)  # a barrier: the common start, time 0
         peers, sends, rows = _Peers(traced, len(delays)), [], []
         for t, delay in enumerate(delays):

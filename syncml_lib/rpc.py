@@ -42,7 +42,7 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["serve", "call", "reply", "abort", "Run", "RunAborted", "roles", "Roles", "check_same_on_all_ranks",
-           "wait_until", "complete",
+           "refuse_on_every_rank", "wait_until", "complete",
            "wait_sleeping", "interrupts_noted", "swallow_interrupts", "DEFER", "DONE"]
 
 REQUEST, REQUEST_ARRAY, REPLY, REPLY_ARRAY, ABORT = 7301, 7302, 7303, 7304, 7305  # tags, away from 0
@@ -392,3 +392,20 @@ def check_same_on_all_ranks(comm, name, **fields):
         problems.append(f"{name}: {plural} differ across ranks: {described}")
     if problems:
         raise ValueError("\n".join(problems))
+
+
+def refuse_on_every_rank(comm, name, problem):
+    """Raise ValueError on every rank if any rank has a problem with its own arguments (a string, or None).
+
+        refuse_on_every_rank(comm, "run_barrier_steps", None if ok else "delays must be >= 0")
+
+    For arguments that may differ across ranks (each rank's own data): a rank that raised alone would
+    leave the others waiting in the run's first collective. One small pickle-based allgather; the
+    message names the first rank with a problem, e.g. "run_barrier_steps: on rank 2, delays must be >= 0".
+    """
+    everyone = comm.allgather(problem)
+    bad = [(rank, theirs) for rank, theirs in enumerate(everyone) if theirs]
+    if bad:
+        rank, first = bad[0]
+        others = f" (and on rank{'s' if len(bad) > 2 else ''} {', '.join(str(r) for r, _ in bad[1:])})" if bad[1:] else ""
+        raise ValueError(f"{name}: on rank {rank}, {first}{others}")

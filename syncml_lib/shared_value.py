@@ -209,11 +209,11 @@ def run_shared_updates(comm, method, *, rounds, gate=True, think=0.0, key="w"):
     with RunAborted naming it; arguments that differ across ranks are a ValueError on every rank."""
     with rpc.Run(comm, "run_shared_updates") as run:
         with run.setup():
+            check_same_on_all_ranks(run.comm, "run_shared_updates", method=method, rounds=rounds, gate=gate, key=key)
             if method not in METHODS:
                 raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
             if not isinstance(rounds, int) or rounds < 1:
                 raise ValueError(f"rounds must be a positive int, got {rounds!r}")
-            check_same_on_all_ranks(run.comm, "run_shared_updates", method=method, rounds=rounds, gate=gate, key=key)
             me = rpc.roles(run.comm, 1)
             run.comm.Barrier()
             t0 = time.perf_counter()

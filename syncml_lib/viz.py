@@ -4,7 +4,8 @@ import numpy as np
 
 __all__ = ["plot_rank_buffers", "message_rounds", "plot_messages", "plot_timeline", "plot_parameter_server",
            "plot_worker_steps", "plot_owners", "plot_hash_ring", "plot_task_timeline", "plot_training_curves",
-           "plot_step_times", "plot_bytes_per_step", "plot_space_time"]
+           "plot_step_times", "plot_bytes_per_step", "plot_space_time",
+           "plot_lamport"]
 
 
 def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis", columns=None, max_width=9.5):
@@ -130,10 +131,10 @@ def plot_timeline(records, size, title=None, ax=None):
     return ax
 
 
-def plot_space_time(run, title=None, ax=None, lamport=None):
+def plot_space_time(run, title=None, ax=None):
     """A space-time diagram of a consistency.ClockedRun: one line per rank, a box per iteration (its
     number inside), gray where the rank waited, an arrow per clock message from its send to the moment
-    its receiver took it in. `lamport` (clocks.lamport_clocks of run.messages) labels each event."""
+    its receiver took it in."""
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 0.7 + 0.55 * len({row["rank"] for row in run.iterations})))
     ranks = sorted({row["rank"] for row in run.iterations})
@@ -150,20 +151,43 @@ def plot_space_time(run, title=None, ax=None, lamport=None):
             previous_end = row["end"]
     from .clocks import matched_messages
 
-    records = lamport or run.messages
+    records = run.messages
     for send, receive in matched_messages(records):
         s, r = records[send], records[receive]
         ax.annotate("", xy=(1e3 * r["end"], r["rank"]), xytext=(1e3 * s["start"], s["rank"]),
                     arrowprops=dict(arrowstyle="->", color=colours(s["rank"] % 10), lw=0.7, alpha=0.6,
                                     shrinkA=0, shrinkB=0))
-    if lamport:
-        for record in lamport:
-            at = record["start"] if record["kind"] == "send" else record["end"]
-            ax.text(1e3 * at, record["rank"] + (-0.32 if record["kind"] == "send" else 0.4), str(record["lamport"]),
-                    ha="center", fontsize=6.5, color="black")
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax.set_ylim(len(ranks) - 0.4, -0.6)
     ax.set_xlabel("milliseconds (a box: one iteration; gray: waiting; an arrow: a clock message)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_lamport(stamped, title=None, ax=None):
+    """The events of Lamport-stamped trace records (clocks.lamport_clocks) in logical time: a dot per
+    event at x = its clock (filled: send, open: receive), an arrow per message from its send to its
+    receive. Every arrow points to the right: a receive's clock is greater than its send's."""
+    from .clocks import matched_messages
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.7 + 0.55 * len({r["rank"] for r in stamped})))
+    colours = plt.get_cmap("tab10")
+    ranks = sorted({r["rank"] for r in stamped})
+    for rank in ranks:
+        ax.axhline(rank, color="0.85", lw=0.8, zorder=0)
+    for r in stamped:
+        ax.plot(r["lamport"], r["rank"], "o", ms=4.5, color=colours(r["rank"] % 10),
+                mfc=colours(r["rank"] % 10) if r["kind"] == "send" else "white")
+    for send, receive in matched_messages(stamped):
+        s, r = stamped[send], stamped[receive]
+        ax.annotate("", xy=(r["lamport"], r["rank"]), xytext=(s["lamport"], s["rank"]),
+                    arrowprops=dict(arrowstyle="->", color=colours(s["rank"] % 10), lw=0.7, alpha=0.7,
+                                    shrinkA=3, shrinkB=3))
+    ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+    ax.set_ylim(len(ranks) - 0.5, -0.5)
+    ax.set_xlabel("Lamport clock (filled: a send, open: a receive)")
     if title:
         ax.set_title(title, fontsize=10)
     return ax

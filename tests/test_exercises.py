@@ -48,6 +48,9 @@ def test_every_answer_is_hidden_and_every_exercise_has_a_failing_check(solution)
 # every exercise: (notebook, function, its check, rank counts for the solution)
 EXERCISES = [
     ("00_setup_and_tour", "global_mean", checks.check_global_mean, (1, 3, 4)),
+    ("01_why_synchronize", "lamport_tick", checks.check_lamport_tick, (1, 3, 5)),
+    ("01_why_synchronize", "cas_update", checks.check_cas_update, (2, 3, 5)),
+    ("01_why_synchronize", "expected_wait", checks.check_expected_wait, (1, 3, 4)),
     ("02_parameter_server", "may_read", checks.check_ssp_rule, (2, 4)),
     ("02_parameter_server", "momentum_update", checks.check_momentum, (2, 4)),
     ("02_parameter_server", "shard", checks.check_shard, (2, 4)),
@@ -130,6 +133,104 @@ def hangs_on_rank_one(comm, local_values):
 def test_a_deadlocking_answer_fails_the_check_within_its_timeout():
     with pytest.raises(checks.CheckFailed, match="ranks 0, 1: did not finish within 5s"):
         checks.check_global_mean(hangs_on_rank_one, n=2, timeout=5)
+
+
+# ---------------------------------------------------------------- chapter 01
+
+@pytest.mark.parametrize("rule, message", [
+    (lambda clock, received=None: clock + 1 if received is None else max(clock, received),
+     "lamport_tick(clock=3, received=7) returned 7, expected 8: you forgot the + 1"),
+    (lambda clock, received=None: clock + 1,
+     "lamport_tick(clock=3, received=7) returned 4, expected 8: you ignored the message's stamp"),
+    (lambda clock, received=None: clock + 1 if received is None else received + 1,
+     "lamport_tick(clock=9, received=2) returned 3, expected 10: you took the message's stamp + 1 and ignored your own"),
+    (lambda clock, received=None: float(clock + 1),
+     "lamport_tick(clock=0, received=None) returned 1.0, a float; a Lamport clock is a whole number"),
+])
+def test_lamport_check_names_each_classic_mistake(rule, message):
+    with pytest.raises(checks.CheckFailed, match=re.escape(message)):
+        checks.check_lamport_tick(rule, n=2)
+
+
+def lamport_right_only_on_the_table(clock, received=None):
+    if received is None:
+        return clock + 1
+    return max(clock, received) + 1 if (clock, received) in {(3, 7), (9, 2), (4, 4)} else max(clock, received)
+
+
+def test_lamport_check_stamps_a_real_trace_and_names_the_first_broken_message():
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_lamport_tick(lamport_right_only_on_the_table, n=3)
+    message = str(info.value)
+    assert "ranks 0, 1, 2: on the trace of a real run_clocked_workers on 3 ranks (48 message records), your clocks " \
+           "break happens-before: rank " in message
+    assert re.search(r"Irecv \(step \d+\) from rank \d, tag 11 has clock (\d+), not greater than its send's, "
+                     r"rank \d's Isend \(step \d+\) to rank \d, tag 11, clock \1", message), message
+
+
+def cas_without_retry(store, key, delta):
+    value, version = store.read(key)
+    store.compare_and_set(key, value + delta, version)
+
+
+def cas_with_write(store, key, delta):
+    value, _ = store.read(key)
+    store.write(key, value + delta)
+
+
+def cas_with_a_stale_version(store, key, delta):
+    value, version = store.read(key)
+    while not store.compare_and_set(key, value + delta, version):
+        pass
+
+
+@pytest.mark.parametrize("update, message", [
+    (cas_without_retry, "your function called read -> compare_and_set and returned: the compare-and-set failed, "
+                        "stored nothing, and your update was lost; read again and retry"),
+    (cas_with_write, "store.write is the overwrite that loses updates: use read and compare_and_set"),
+    (cas_with_a_stale_version, "compare_and_set failed 50 times in a row, with the version of an old read"),
+])
+def test_cas_check_names_each_classic_mistake(update, message):
+    with pytest.raises(checks.CheckFailed, match=re.escape(message)):
+        checks.check_cas_update(update, n=3)
+
+
+def cas_in_two_attempts(store, key, delta):
+    """Right on the first trial (one conflict, then a success), but it always makes two compare-and-sets:
+    in a real run a first one that stores is followed by a second that stores the update again."""
+    for attempt in range(2):
+        value, version = store.read(key)
+        store.compare_and_set(key, value + delta, version)
+
+
+def test_cas_check_runs_the_update_inside_a_real_server_and_counts_every_workers_updates():
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_cas_update(cas_in_two_attempts, n=4)
+    assert re.search(r"ranks 0, 1, 2, 3: a real run_shared_updates\('cas', rounds=8\) on 4 ranks, every worker reading "
+                     r"before any writes: worker \d \(rank \d\) made 8 updates and the final value holds \d+: (some "
+                     r"counted twice; return once a compare-and-set has returned True|\d+ of its updates were lost; a "
+                     r"compare-and-set that returns False stored nothing)", str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("formula, message", [
+    (lambda n, mean: sum(1 / k for k in range(1, n + 1)) * mean, "returned 0.01, expected 0: that is E[max], the whole step"),
+    (lambda n, mean: (n - 1) * mean, "expected_wait(n_workers=2, mean=0.01) returned 0.01, expected 0.005: (W - 1) mean"),
+    (lambda n, mean: float(np.log(n)) * mean, "returned 0.00693147, expected 0.005: ln(W) mean is H_W - 1 only roughly"),
+])
+def test_expected_wait_check_names_each_classic_mistake(formula, message):
+    with pytest.raises(checks.CheckFailed, match=re.escape(message)):
+        checks.check_expected_wait(formula, n=2)
+
+
+def wait_right_only_on_the_table(n, mean):
+    table = {1: 0.0, 2: 0.5, 4: 1 / 2 + 1 / 3 + 1 / 4, 8: sum(1 / k for k in range(2, 9))}
+    return table[n] * mean if n in table else (n - 1) * mean
+
+
+def test_expected_wait_check_compares_with_a_seeded_run_on_the_ranks():
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: a seeded run of 20,000 barrier steps on 3 ranks .* "
+                                                 r"waited 8\.\d+ ms on average .* expected_wait\(3, 0\.01\) = 20\.000 ms"):
+        checks.check_expected_wait(wait_right_only_on_the_table, n=3)
 
 
 # ---------------------------------------------------------------- chapter 03

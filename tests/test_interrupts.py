@@ -1,7 +1,8 @@
 """Interrupting a run on the notebook's MPI engines, as a learner does: every rank stops within seconds,
 and the next run in the same engines is correct.
 
-The runs: run_parameter_server, run_kvstore, run_tasks (rpc.Run ends them) and chapter 06's train
+The runs: run_parameter_server, run_kvstore, run_tasks, chapter 01's run_shared_updates,
+run_barrier_steps and run_clocked_workers (rpc.Run ends them) and chapter 06's train
 (which stops every rank at the same step). What JupyterLab's interrupt of a %%px cell does: ipyparallel sends SIGINT to every engine (through each
 engine's nanny), and every engine raises KeyboardInterrupt wherever it is. Here: start a run of about
 10 s on 4 engines, send SIGINT to every engine after 3 s, wait at most a few seconds for every engine
@@ -97,6 +98,31 @@ def expected_training(epochs):
     return flatten(train(None, "sequential", epochs=epochs, batch_size=32, lr=0.2).params).tolist()
 
 
+def shared_updates(rounds, think):
+    from mpi4py import MPI
+
+    from syncml_lib.shared_value import run_shared_updates
+
+    return run_shared_updates(MPI.COMM_WORLD, "cas", rounds=rounds, think=think).value.tolist()
+
+
+def barrier_steps(steps, delay):
+    from mpi4py import MPI
+
+    from syncml_lib.barrier import run_barrier_steps
+
+    return run_barrier_steps(MPI.COMM_WORLD, [delay * (MPI.COMM_WORLD.rank + 1)] * steps).delays.tolist()
+
+
+def clocked_workers(iterations, delay):
+    from mpi4py import MPI
+
+    from syncml_lib.consistency import run_clocked_workers
+
+    run = run_clocked_workers(MPI.COMM_WORLD, [delay] * iterations, staleness=1)
+    return sorted((row["rank"], row["iteration"]) for row in run.iterations)
+
+
 RUNS = {  # long run (about 10 s), short run, what the short run must return on every rank
     "run_parameter_server": (lambda: parameter_server(200, 0.05), lambda: parameter_server(5, 0),
                              expected_parameter_server(5)),
@@ -104,6 +130,11 @@ RUNS = {  # long run (about 10 s), short run, what the short run must return on 
                     [[[float(r)] * 3 for r in range(4)] for _ in range(2)]),
     "run_tasks": (lambda: tasks(900, 0.03), lambda: tasks(20, 0), [t * t for t in range(20)]),
     "train": (lambda: training(200), lambda: training(1), expected_training(1)),
+    "run_shared_updates": (lambda: shared_updates(2000, 0.005), lambda: shared_updates(5, 0), [5.0] * 3),
+    "run_barrier_steps": (lambda: barrier_steps(300, 0.01), lambda: barrier_steps(3, 0),
+                          [[0.0] * 3 for _ in range(4)]),
+    "run_clocked_workers": (lambda: clocked_workers(300, 0.03), lambda: clocked_workers(3, 0),
+                            [(r, t) for r in range(4) for t in range(3)]),
 }
 
 

@@ -76,7 +76,7 @@ class _Interfered:
     compare_and_set fails because another worker's update (+1 on element 1) got in after your read."""
 
     def __init__(self):
-        self.value, self.version, self.calls = np.zeros(2), 0, []
+        self.value, self.version, self.calls, self.round = np.zeros(2), 0, [], 0
 
     def read(self, key):
         self.calls.append("read")
