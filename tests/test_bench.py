@@ -184,3 +184,24 @@ def test_ps_over_ring_compares_with_a_ring_among_the_workers():
     assert ps_over_ring(1 << 34, 3, 1, 1e-6, 1e-9) == pytest.approx(4.5, rel=1e-3)
     assert ps_over_ring(1 << 34, 2, 2, 1e-6, 1e-9) == pytest.approx(2.0, rel=1e-3)
     assert ps_over_ring(n, 1, 1, **costmodel.DEFAULT_PARAMS) == float("inf")
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_the_sync_benchmark_prints_every_barrier_and_update_method_with_its_losses(n):
+    out = bench(n, "sync", "--steps", "5", "--rounds", "6", "--repeat", "2").stdout
+    assert f"a step of synchronization only on {n} ranks" in out and f"{n - 1} workers, 6 rounds" in out, out
+    for barrier in ("MPI Barrier", "Ibarrier, waited asleep", "clock messages, BSP", "clock messages, SSP s=1"):
+        assert len(rows_of(out, barrier)) == 1, out
+    made = 6 * (n - 1)
+    cells = {row.split("|")[0].strip(): [c.strip() for c in row.split("|")[1:]]
+             for name in ("MPI Accumulate", "add", "overwrite", "cas", "overwrite, gated", "cas, gated")
+             for row in rows_of(out, name)}
+    assert len(cells) == 6, out
+    assert cells["MPI Accumulate"][1:] == ["1.00x", f"0 of {made}", "none (one-sided)"]
+    assert cells["add"][2:] == [f"0 of {made}", "1.00"] and cells["cas"][2] == cells["cas, gated"][2] == f"0 of {made}"
+    assert cells["overwrite, gated"][2:] == [f"{6 * (n - 2)} of {made}", "2.00"]   # one kept per round
+
+
+def test_the_sync_benchmark_refuses_one_rank():
+    result = bench(1, "sync", check=False)
+    assert result.returncode != 0 and "bench sync needs at least 2 ranks (a server and a worker)" in result.stderr

@@ -1,4 +1,4 @@
-"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train [options]` (or main(argv)).
+"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train|sync [options]` (or main(argv)).
 
 It parses the options, turns MPICH's progress throttle on for the benchmarks that want it, and only
 then imports the benchmark's module, which starts MPI (mpi4py.MPI initializes it when imported).
@@ -20,7 +20,7 @@ DATA_SIZES = ["64K", "1M", "8M"]
 # ranks that have work, unless MPICH's progress throttle makes an idle rank yield; the course's engines
 # and mpirun turn it on for the same reason. (`allreduce` runs without it: every rank there is busy, and
 # its tables were measured so.)
-THROTTLED = {"ps", "data", "tasks", "train"}
+THROTTLED = {"ps", "data", "tasks", "train", "sync"}
 
 
 def parser():
@@ -64,6 +64,11 @@ def parser():
     training.add_argument("--bucket-steps", type=int, default=40,
                           help="training steps timed per bucket layout, after a warm-up step (default: %(default)s)")
     training.add_argument("--repeat", type=int, default=50, help="repeats of the bare allreduces (default: %(default)s)")
+
+    sync = commands.add_parser("sync", help="barriers and shared updates against MPI's Barrier and Accumulate")
+    sync.add_argument("--steps", type=int, default=200, help="steps per barrier run (default: %(default)s)")
+    sync.add_argument("--rounds", type=int, default=100, help="rounds of updates per run (default: %(default)s)")
+    sync.add_argument("--repeat", type=int, default=7, help="runs per measurement (default: %(default)s)")
 
     # Another benchmark: its subparser here, and a module of its own beside these with main(args).
     return parser
