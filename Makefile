@@ -49,7 +49,7 @@ exercises: install
 doctor: install
 	$(BIN)/python -m syncml_lib doctor
 
-## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks or BENCH=train
+## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks, BENCH=train or BENCH=sync
 BENCH ?= allreduce
 bench: install
 	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m syncml_lib.bench $(BENCH)
