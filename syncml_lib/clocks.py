@@ -54,23 +54,21 @@ def _events_by_rank(records):
 def matched_messages(records):
     """[(index of the send, index of the receive)] for every receive in records; a receive that no send
     matches is a ValueError. Sends may be left unmatched (a message the trace did not see received)."""
-    sends, pairs = {}, []
-    for rank, events in sorted(_events_by_rank(records).items()):
-        for i, record in events:
-            if record["kind"] == "send":
-                sends.setdefault((record["source"], record["dest"], record["tag"]), []).append(i)
-    taken = {}
-    for rank, events in sorted(_events_by_rank(records).items()):
-        for i, record in events:
-            if record["kind"] != "recv":
-                continue
-            key = (record["source"], record["dest"], record["tag"])
-            k = taken[key] = taken.get(key, -1) + 1
-            if k >= len(sends.get(key, [])):
-                raise ValueError(f"{_describe(record)} is receive number {k + 1} from rank {record['source']} with "
-                                 f"tag {record['tag']}, but the trace has only {len(sends.get(key, []))} such sends: "
-                                 f"no send matches it")
-            pairs.append((sends[key][k], i))
+    events = [event for _, rank_events in sorted(_events_by_rank(records).items()) for event in rank_events]
+    sends, taken, pairs = {}, {}, []
+    for i, record in events:
+        if record["kind"] == "send":
+            sends.setdefault((record["source"], record["dest"], record["tag"]), []).append(i)
+    for i, record in events:
+        if record["kind"] != "recv":
+            continue
+        key = (record["source"], record["dest"], record["tag"])
+        k = taken[key] = taken.get(key, -1) + 1
+        if k >= len(sends.get(key, [])):
+            raise ValueError(f"{_describe(record)} is receive number {k + 1} from rank {record['source']} with tag "
+                             f"{record['tag']}, but the trace has only {len(sends.get(key, []))} such sends: no send "
+                             f"matches it")
+        pairs.append((sends[key][k], i))
     return pairs
 
 

@@ -2,6 +2,8 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .clocks import matched_messages
+
 __all__ = ["plot_rank_buffers", "message_rounds", "plot_messages", "plot_timeline", "plot_parameter_server",
            "plot_worker_steps", "plot_owners", "plot_hash_ring", "plot_task_timeline", "plot_training_curves",
            "plot_step_times", "plot_bytes_per_step", "plot_space_time",
@@ -149,8 +151,6 @@ def plot_space_time(run, title=None, ax=None):
             ax.text(1e3 * (row["start"] + row["end"]) / 2, rank, str(row["iteration"]), ha="center", va="center",
                     fontsize=7, color="white")
             previous_end = row["end"]
-    from .clocks import matched_messages
-
     records = run.messages
     for send, receive in matched_messages(records):
         s, r = records[send], records[receive]
@@ -169,8 +169,6 @@ def plot_lamport(stamped, title=None, ax=None):
     """The events of Lamport-stamped trace records (clocks.lamport_clocks) in logical time: a dot per
     event at x = its clock (filled: send, open: receive), an arrow per message from its send to its
     receive. Every arrow points to the right: a receive's clock is greater than its send's."""
-    from .clocks import matched_messages
-
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 0.7 + 0.55 * len({r["rank"] for r in stamped})))
     colours = plt.get_cmap("tab10")
