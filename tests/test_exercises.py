@@ -184,11 +184,53 @@ def cas_with_a_stale_version(store, key, delta):
         pass
 
 
+def cas_with_a_guessed_version(store, key, delta):
+    value, version = store.read(key)
+    store.compare_and_set(key, value + delta, version + 1)
+
+
+def cas_with_the_first_value(store, key, delta):
+    first, _ = store.read(key)
+    while True:
+        _, version = store.read(key)
+        if store.compare_and_set(key, first + delta, version):
+            return
+
+
+def cas_that_never_returns(store, key, delta):
+    while True:
+        value, version = store.read(key)
+        store.compare_and_set(key, value + delta, version)
+
+
+def cas_that_reads_once_more_first(store, key, delta):
+    store.read(key)                       # harmless: a correct answer
+    while True:
+        value, version = store.read(key)
+        if store.compare_and_set(key, value + delta, version):
+            return
+
+
+def test_cas_check_passes_a_right_answer_that_reads_once_more():
+    checks.check_cas_update(cas_that_reads_once_more_first, n=3)
+
+
 @pytest.mark.parametrize("update, message", [
-    (cas_without_retry, "your function called read -> compare_and_set and returned: the compare-and-set failed, "
-                        "stored nothing, and your update was lost; read again and retry"),
-    (cas_with_write, "store.write is the overwrite that loses updates: use read and compare_and_set"),
-    (cas_with_a_stale_version, "compare_and_set failed 50 times in a row, with the version of an old read"),
+    (cas_without_retry, "your compare-and-set failed (another worker wrote after your read), stored nothing, and "
+                        "your function returned: read again and retry until a compare-and-set returns True. Your calls: "
+                        "read() -> ([0.0, 0.0], version 0); compare_and_set([1.0, 0.0], version 0) -> False"),
+    (cas_with_write, "you called store.write, which stores whatever it is sent: the last writer wins"),
+    (cas_with_a_stale_version, "compare_and_set failed 50 times in a row, each with version 0: after a failure, read "
+                               "again"),
+    (cas_with_a_guessed_version, "your compare-and-set passed version 1, but the read before it returned version 0: "
+                                 "it stored [1.0, 0.0] over the other worker's update"),
+    (cas_with_the_first_value, "your compare-and-set stored [1.0, 0.0], but the read before it returned [0.0, 1.0]: "
+                               "compute the new value from the latest read"),
+    (cas_that_never_returns, "your function made 100 calls to the store and had not returned: after a "
+                             "compare-and-set that returned True, return. Your calls: read() -> ([0.0, 0.0], version 0); "
+                             "compare_and_set([1.0, 0.0], version 0) -> False; read() -> ([0.0, 1.0], version 1); "
+                             "compare_and_set([1.0, 1.0], version 1) -> True; read() -> ([1.0, 1.0], version 2); "
+                             "compare_and_set([2.0, 1.0], version 2) -> True; ... (100 calls in all)"),
 ])
 def test_cas_check_names_each_classic_mistake(update, message):
     with pytest.raises(checks.CheckFailed, match=re.escape(message)):
@@ -214,7 +256,10 @@ def test_cas_check_runs_the_update_inside_a_real_server_and_counts_every_workers
 
 @pytest.mark.parametrize("formula, message", [
     (lambda n, mean: sum(1 / k for k in range(1, n + 1)) * mean, "returned 0.01, expected 0: that is E[max], the whole step"),
-    (lambda n, mean: (n - 1) * mean, "expected_wait(n_workers=2, mean=0.01) returned 0.01, expected 0.005: (W - 1) mean"),
+    (lambda n, mean: (n - 1) * mean, "expected_wait(n_workers=2, mean=0.01) returned 0.01, expected 0.005: that is one "
+                                     "mean, which (W - 1) mean and H_(W-1) mean both give at W = 2"),
+    (lambda n, mean: sum(1 / k for k in range(1, n + 1)) - 1, "returned 0.5, expected 0.005: that is H_W - 1 without "
+                                                             "the mean: multiply by mean = 0.01"),
     (lambda n, mean: float(np.log(n)) * mean, "returned 0.00693147, expected 0.005: ln(W) mean is H_W - 1 only roughly"),
 ])
 def test_expected_wait_check_names_each_classic_mistake(formula, message):

@@ -19,8 +19,9 @@ TICK_CASES = (  # (clock, received), expected, why
     ((9, 2), 10, "a receive of an old message (stamped 2) by a rank at 9: max(9, 2) + 1, the clock never goes back"),
     ((4, 4), 5, "a receive of a message stamped 4 by a rank at 4: max + 1 = 5, strictly later than the send"),
 )
-TICK_HINTS = {(3, 7): {4: "you ignored the message's stamp (clock + 1)", 7: "you forgot the + 1: the receive would "
-                       "have the same clock as its send", 10: "add 1 to the larger of the two, not the sum"},
+TICK_HINTS = {(3, 7): {4: "you ignored the message's stamp (clock + 1), or took the smaller of the two: a receive "
+                          "takes the larger", 7: "you forgot the + 1: the receive would have the same clock as its send",
+                       10: "add 1 to the larger of the two, not the sum"},
               (9, 2): {3: "you took the message's stamp + 1 and ignored your own clock, which went back from 9",
                        9: "you forgot the + 1"},
               (4, 4): {4: "you forgot the + 1: the receive must be strictly later than its send"}}
@@ -67,62 +68,122 @@ def check_lamport_tick(lamport_tick):
 
 # ---------------------------------------------------------------- compare-and-set
 
-MAX_ATTEMPTS = 1000  # compare-and-sets in one update before the check calls it a loop that never reads again
+MAX_ATTEMPTS = 1000  # failed compare-and-sets in a row (real run) before the check calls it a loop that never reads again
 CAS_ROUNDS = 8
 
 
+class _Stop(BaseException):
+    """Ends a learner's loop that would never end on _Interfered (a BaseException, so that _call lets it
+    through to _first_trial, which turns it into the message)."""
+
+
 class _Interfered:
-    """A store in this process, for the first trial: one value "w" of 2 elements, version 0. The first
-    compare_and_set fails because another worker's update (+1 on element 1) got in after your read."""
+    """A store in this process, for the first trial: one value "w" of 2 elements, version 0. Another
+    worker's update (+1 on element 1) gets in just before the first compare_and_set, so that one fails
+    (if it carries the version read). Every call is recorded, with what it returned, for the message."""
+
+    LIMIT = 50
 
     def __init__(self):
-        self.value, self.version, self.calls, self.round = np.zeros(2), 0, [], 0
-
-    def read(self, key):
-        self.calls.append("read")
-        self._key(key)
-        return self.value.copy(), self.version
+        self.value, self.version, self.round = np.zeros(2), 0, 0
+        self.calls, self.interfered = [], False  # (name, arguments, returned)
 
     def _key(self, key):
         if key != "w":
             raise KeyError(f"no value named {key!r} (the store holds 'w')")
 
-    def compare_and_set(self, key, value, version):
-        self.calls.append("compare_and_set")
+    def _no_end(self):
+        if len(self.calls) >= 2 * self.LIMIT:
+            raise _Stop(f"your function made {len(self.calls)} calls to the store and had not returned: after a "
+                        f"compare-and-set that returned True, return")
+
+    def read(self, key):
         self._key(key)
-        if self.calls.count("compare_and_set") > 50:
-            raise AssertionError("compare_and_set failed 50 times in a row, with the version of an old read: after a "
-                                 "failure, read again to get the current value and version")
-        if len(self.calls) == 2:  # somebody else wrote just now
-            self.value, self.version = self.value + np.array([0.0, 1.0]), self.version + 1
-        if version != self.version:
-            return False
-        self.value, self.version = np.array(value, dtype=float), self.version + 1
-        return True
+        self._no_end()
+        self.calls.append(("read", None, (self.value.tolist(), self.version)))
+        return self.value.copy(), self.version
+
+    def compare_and_set(self, key, value, version):
+        self._key(key)
+        if not self.interfered:  # another worker's update gets in just now
+            self.value, self.version, self.interfered = self.value + np.array([0.0, 1.0]), self.version + 1, True
+        stored = version == self.version
+        if stored:
+            self.value, self.version = np.array(value, dtype=float), self.version + 1
+        self.calls.append(("compare_and_set", (np.asarray(value).tolist(), version), stored))
+        failures = 0
+        for name, _, returned in reversed(self.calls):
+            if name == "compare_and_set":
+                if returned:
+                    break
+                failures += 1
+        if failures >= self.LIMIT:
+            raise _Stop(f"compare_and_set failed {failures} times in a row, each with version {version}: after a "
+                        f"failure, read again to get the current value and version")
+        self._no_end()
+        return stored
 
     def write(self, key, value):
-        self.calls.append("write")
-        raise AssertionError("store.write is the overwrite that loses updates: use read and compare_and_set")
+        self._key(key)
+        self.calls.append(("write", (np.asarray(value).tolist(),), None))
+        self.value = np.array(value, dtype=float)
 
     def add(self, key, delta):
-        self.calls.append("add")
-        raise AssertionError("store.add is the other fix (the server adds): this exercise is compare-and-set")
+        self._key(key)
+        self.calls.append(("add", (np.asarray(delta).tolist(),), None))
+        self.value = self.value + np.asarray(delta, dtype=float)
+
+    def described(self, shown=6):
+        parts = []
+        for name, arguments, returned in self.calls[:shown]:
+            if name == "read":
+                parts.append(f"read() -> ({returned[0]}, version {returned[1]})")
+            elif name == "compare_and_set":
+                parts.append(f"compare_and_set({arguments[0]}, version {arguments[1]}) -> {returned}")
+            else:
+                parts.append(f"{name}({arguments[0]})")
+        more = f"; ... ({len(self.calls)} calls in all)" if len(self.calls) > shown else ""
+        return "; ".join(parts) + more if parts else "nothing"
+
+
+def _judge_first_trial(store):
+    """What went wrong on _Interfered, in the learner's terms, or None."""
+    names = [name for name, _, _ in store.calls]
+    if "write" in names:
+        return "you called store.write, which stores whatever it is sent: the last writer wins; use compare_and_set"
+    if "add" in names:
+        return "you called store.add: that is the other fix (the server adds); this exercise is compare-and-set"
+    if store.value.tolist() == [1.0, 1.0]:
+        return None
+    stores = [(arguments, i) for i, (name, arguments, returned) in enumerate(store.calls)
+              if name == "compare_and_set" and returned]
+    if not stores:
+        return ("your compare-and-set failed (another worker wrote after your read), stored nothing, and your function "
+                "returned: read again and retry until a compare-and-set returns True")
+    (value, version), at = stores[0]
+    reads = [returned for name, _, returned in store.calls[:at] if name == "read"]
+    if reads and version != reads[-1][1]:
+        return (f"your compare-and-set passed version {version}, but the read before it returned version "
+                f"{reads[-1][1]}: it stored {value} over the other worker's update; pass the version that read() returned")
+    if reads and value != [x + d for x, d in zip(reads[-1][0], [1.0, 0.0])]:
+        return (f"your compare-and-set stored {value}, but the read before it returned {reads[-1][0]}: compute the new "
+                f"value from the latest read (value + delta), not from an earlier one")
+    return f"the store ends as {store.value.tolist()}, expected [1.0, 1.0] (both updates)"
 
 
 def _first_trial(cas_update):
     """The learner's function on _Interfered: None, or what went wrong."""
     store = _Interfered()
-    got, error = _call(cas_update, store, "w", np.array([1.0, 0.0]))
-    what = "cas_update(store, 'w', delta=[1, 0]) on a store whose first compare-and-set fails (another worker wrote in between)"
+    what = ("cas_update(store, 'w', delta=[1, 0]) on a store where another worker adds [0, 1] just before your first "
+            "compare-and-set")
+    try:
+        _, error = _call(cas_update, store, "w", np.array([1.0, 0.0]))
+    except _Stop as stop:
+        return f"{what}: {stop}. Your calls: {store.described()}"
     if error:
         return f"{what}: your function {error}"
-    calls = " -> ".join(store.calls) or "nothing"
-    if store.value.tolist() == [1.0, 1.0]:
-        return None
-    if store.calls[-1:] == ["compare_and_set"] and store.calls.count("compare_and_set") == 1:
-        return (f"{what}: your function called {calls} and returned: the compare-and-set failed, stored nothing, and "
-                f"your update was lost; read again and retry until a compare-and-set returns True")
-    return f"{what}: the store ends as {store.value.tolist()}, expected [1.0, 1.0] (both updates); your calls: {calls}"
+    problem = _judge_first_trial(store)
+    return f"{what}: {problem}. Your calls: {store.described()}" if problem else None
 
 
 def _cas_on_rank(comm, cas_update):
@@ -191,6 +252,13 @@ def _judge_wait(args, got, expected, why):
         return None
     if np.isclose(got, _harmonic(n) * mean, rtol=1e-9):
         hint = "that is E[max], the whole step; the wait is what the slowest takes beyond a worker's own delay: E[max] - mean"
+    elif n > 1 and np.isclose(got, _harmonic(n) - 1, rtol=1e-9) and mean != 1:
+        hint = f"that is H_W - 1 without the mean: multiply by mean = {mean}"
+    elif n == 2 and np.isclose(got, mean, rtol=1e-9):
+        hint = ("that is one mean, which (W - 1) mean and H_(W-1) mean both give at W = 2; the slowest of 2 takes "
+                "H_2 = 1.5 means on average, so a worker waits H_2 - 1 = 0.5 of a mean")
+    elif n > 1 and np.isclose(got, _harmonic(n - 1) * mean, rtol=1e-9):
+        hint = "that is H_(W-1) mean; the wait is E[max] - mean = (H_W - 1) mean"
     elif n > 1 and np.isclose(got, (n - 1) * mean, rtol=1e-9):
         hint = "(W - 1) mean grows linearly; the maximum of W exponentials grows like the harmonic number H_W"
     elif n > 1 and np.isclose(got, np.log(n) * mean, rtol=1e-9):
