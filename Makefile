@@ -4,10 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 PORT ?= 8888
+IP ?= 127.0.0.1
 LAB_ARGS ?=
 RANKS ?= 4
 # mpiexec and jupyter of the course environment come first on PATH for everything make runs.
 export PATH := $(BIN):$(PATH)
+# On one machine MPI jobs start with MPICH's mpiexec.gforker, which listens on no network socket;
+# SYNCML_NETWORK=1 (across machines) gives Hydra's mpiexec (syncml_lib/mpienv.py says what listens where).
+MPIEXEC := $(BIN)/$(if $(filter 1,$(SYNCML_NETWORK)),mpiexec,mpiexec.gforker)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
 
@@ -22,10 +26,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## JupyterLab on the course, opened at notebooks/ (PORT=8888; LAB_ARGS="--no-browser" on a server)
+## JupyterLab on the course, opened at notebooks/, on loopback only (IP=127.0.0.1, PORT=8888; LAB_ARGS="--no-browser" on a server)
 lab: install
 	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks \
-		--port=$(PORT) $(ROOT_FLAG) $(LAB_ARGS)
+		--ServerApp.ip=$(IP) --port=$(PORT) $(ROOT_FLAG) $(LAB_ARGS)
 
 ## Everything: unit tests under real mpiexec, nbval on notebooks/, solutions/ and exercises/
 test: install
@@ -52,7 +56,7 @@ doctor: install
 ## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks, BENCH=train or BENCH=sync
 BENCH ?= allreduce
 bench: install
-	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m syncml_lib.bench $(BENCH)
+	$(MPIEXEC) -n $(RANKS) $(BIN)/python -m syncml_lib.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

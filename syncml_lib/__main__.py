@@ -57,6 +57,12 @@ def doctor(ranks=4, cluster=True, out=print):
         line(False, "MPI library", f"mpi4py cannot load an MPI library ({exc})")
     try:
         line(True, "mpiexec", mpirun.mpiexec_path())
+        from . import mpienv
+
+        settings = " ".join(f"{name}={value}" for name, value in mpienv.mpi_settings().items())
+        where = ("across machines (SYNCML_NETWORK=1): Hydra's mpiexec listens on 0.0.0.0" if mpienv.across_machines()
+                 else "one machine: nothing listens beyond loopback")
+        line(True, "MPI jobs", f"{mpienv.launcher()} with {settings}; {where}")
     except mpirun.MPINotFoundError as exc:
         line(False, "mpiexec", f"not found beside {sys.executable} nor on PATH")
         return failed

@@ -24,6 +24,7 @@ import time
 import ipyparallel as ipp
 from IPython.paths import get_ipython_dir
 
+from . import mpienv
 from .mpirun import FIX, MPINotFoundError, mpiexec_path, same_imports_env
 
 __all__ = ["start_mpi_cluster", "mpi_cluster", "stop_clusters", "ClusterError", "PROFILE"]
@@ -37,6 +38,22 @@ import numpy as np
 comm = MPI.COMM_WORLD
 rank, size = comm.rank, comm.size
 """
+
+
+class MPIEnginesLauncher(ipp.cluster.launcher.MPIEngineSetLauncher):
+    """ipyparallel's launcher of MPI engines, except that its signals (the SIGTERM of a stop, the SIGKILL
+    that follows when that is not enough) go to mpiexec's whole process group, engines included. An
+    engine stuck in a blocking MPI call ignores SIGTERM; MPICH's mpiexec.gforker, unlike Hydra's
+    mpiexec, does not kill its ranks when it is killed itself, so they would be left running."""
+
+    # how a cluster file names it, so that a watcher or stop_clusters can load the cluster back (ipyparallel
+    # would write "syncml_lib.cluster:MPIEnginesLauncher", which it cannot import again)
+    entrypoint_name = "syncml_lib.cluster.MPIEnginesLauncher"
+
+    def signal(self, sig):
+        if self.state == "running":
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)  # ipyparallel starts mpiexec in a new session: pgid == pid
 
 
 class ClusterError(RuntimeError):
@@ -86,16 +103,16 @@ def start_mpi_cluster(n=4, timeout=60, activate=True):
     ClusterError explains what to do. With activate=True the view drives the %px / %%px magics.
     Each engine starts with `comm`, `rank`, `size`, `MPI` and `np` defined.
     """
-    mpiexec = _check_mpi()
+    _check_mpi()
     remove_stale_cluster_files()
     tag = os.environ.get(TAG_VARIABLE, "syncml")
     cluster_id = f"{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    cluster = ipp.Cluster(engines="mpi", n=n, profile=PROFILE, cluster_id=cluster_id,
+    cluster = ipp.Cluster(engines=MPIEnginesLauncher, n=n, profile=PROFILE, cluster_id=cluster_id,
                           log_level=40)
-    cluster.config.MPILauncher.mpi_cmd = [mpiexec]
-    # MPICH ranks spin while they wait for a message; with more engines than cores that steals the
-    # cores from the engines doing the work. Throttled progress yields instead.
-    cluster.config.MPIEngineSetLauncher.environment = {**same_imports_env(), "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1"}
+    # the course's MPI settings (mpienv): its mpiexec, nothing listening beyond loopback, and waiting
+    # ranks that yield their core (more engines than cores)
+    cluster.config.MPILauncher.mpi_cmd = [mpienv.launcher()]
+    cluster.config.MPIEngineSetLauncher.environment = {**same_imports_env(), **mpienv.mpi_settings()}
     started = time.perf_counter()
     try:
         cluster.start_cluster_sync()

@@ -21,6 +21,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from . import mpienv
 
 __all__ = ["run", "run_script", "mpiexec_path", "MPIRunError", "MPINotFoundError"]
 
@@ -65,13 +66,11 @@ def same_imports_env():
 
 
 def _child_env():
-    env = {**os.environ, **same_imports_env()}
+    # the course's MPI settings (mpienv: nothing listens beyond loopback; waiting ranks yield their core)
+    env = mpienv.mpi_environment({**os.environ, **same_imports_env()})
     # Unbuffered ranks write a print() in pieces that mpiexec interleaves mid-line across ranks;
     # block-buffered, each rank's lines arrive whole.
     env.pop("PYTHONUNBUFFERED", None)
-    # MPICH ranks spin while they wait; with more ranks than cores (5 ranks on 2 cores in the tests)
-    # the spinning ranks steal the cores from the working ones. Throttled progress yields instead.
-    env.setdefault("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "1")
     return env
 
 
@@ -79,8 +78,7 @@ def _launch(cmd, timeout, finished=None, grace=10):
     """Run cmd in its own process group; kill the whole group on timeout. Returns (proc, timed_out).
 
     finished(), if given, says whether every rank has saved its result: from then on the job gets
-    `grace` seconds to exit. Rarely, on a loaded machine, MPICH's shutdown hangs after every rank has
-    returned; that is not the code under test, so the job is then killed with a warning, not an error.
+    `grace` seconds to exit (_after_the_ranks).
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_child_env(), start_new_session=True)
@@ -92,13 +90,7 @@ def _launch(cmd, timeout, finished=None, grace=10):
         except subprocess.TimeoutExpired:
             pass
         if finished is not None and finished():
-            try:
-                out, err = proc.communicate(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, err = proc.communicate()
-                warnings.warn(f"every rank of `{' '.join(cmd[-3:])}` returned, but mpiexec had not exited "
-                              f"{grace}s later: killed it (an MPI shutdown hang, not a failure of the job)")
+            out, err = _after_the_ranks(proc, cmd, grace)
             break
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -106,6 +98,35 @@ def _launch(cmd, timeout, finished=None, grace=10):
             timed_out = True
             break
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), timed_out
+
+
+def _after_the_ranks(proc, cmd, grace, settle=0.1):
+    """Every rank has saved its result: wait up to `grace` seconds for the rank processes to exit, then
+    `settle` seconds for mpiexec; return its (stdout, stderr). MPICH's mpiexec.gforker notices that its
+    ranks are gone only after a wait of about two seconds (it does not stop for SIGTERM meanwhile), so
+    once none of them is left it is killed instead of waited for: there is nothing left for it to do. Rarely, on a loaded machine, MPICH's shutdown hangs after every rank has
+    returned; that is not the code under test, so the job is then killed with a warning, not an error."""
+    import psutil  # ipyparallel's dependency
+
+    deadline, gone_since = time.monotonic() + grace, None
+    while time.monotonic() < deadline:
+        try:
+            return proc.communicate(timeout=0.02)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            ranks = [p for p in psutil.Process(proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            ranks = []
+        gone_since = (gone_since or time.monotonic()) if not ranks else None
+        if gone_since and time.monotonic() - gone_since > settle:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.communicate()
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate()
+    warnings.warn(f"every rank of `{' '.join(cmd[-3:])}` returned, but mpiexec had not exited {grace}s later: "
+                  f"killed it (an MPI shutdown hang, not a failure of the job)")
+    return out, err
 
 
 def _tail(text, lines=40):
@@ -127,7 +148,7 @@ def run(fn, n, *args, timeout=60, **kwargs):
     with tempfile.TemporaryDirectory(prefix="syncml-mpirun-") as tmp:
         job = Path(tmp)
         (job / "job.pkl").write_bytes(cloudpickle.dumps((fn, args, kwargs)))
-        cmd = [mpiexec_path(), "-n", str(n), sys.executable, "-m", "syncml_lib.mpirun", str(job)]
+        cmd = [mpienv.launcher(), "-n", str(n), sys.executable, "-m", "syncml_lib.mpirun", str(job)]
         start = time.perf_counter()
         saved = lambda: all((job / f"rank{r}.result").exists() for r in range(n))  # noqa: E731
         proc, timed_out = _launch(cmd, timeout, finished=saved)
@@ -171,13 +192,13 @@ def run(fn, n, *args, timeout=60, **kwargs):
 
 
 def run_script(argv, n, timeout=60, check=True):
-    """Run `mpiexec -n n python *argv` and return the CompletedProcess (stdout, stderr as text).
+    """Run `mpiexec -n n python *argv` (mpienv.launcher()'s mpiexec) and return the CompletedProcess (stdout, stderr as text).
 
     argv is a script path or a list such as ["-m", "syncml_lib.bench", "allreduce"].
     With check=True a non-zero exit or a timeout raises MPIRunError with the output.
     """
     argv = [str(argv)] if isinstance(argv, (str, os.PathLike)) else [str(a) for a in argv]
-    cmd = [mpiexec_path(), "-n", str(n), sys.executable, *argv]
+    cmd = [mpienv.launcher(), "-n", str(n), sys.executable, *argv]
     proc, timed_out = _launch(cmd, timeout)
     if check and (timed_out or proc.returncode != 0):
         why = f"timed out after {timeout}s and was killed" if timed_out else f"exited with code {proc.returncode}"

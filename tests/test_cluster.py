@@ -37,6 +37,21 @@ def test_engines_stop_after_an_exception_too():
     assert started and still_alive_after(started) == []
 
 
+def stuck_unless_last_rank():
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.rank != MPI.COMM_WORLD.size - 1:
+        MPI.COMM_WORLD.Barrier()  # the last rank never comes: blocked inside MPI, deaf to signals
+
+
+def test_engines_stuck_in_a_blocking_mpi_call_are_stopped_too():
+    before = set(descendants())
+    with mpi_cluster(n=3, timeout=90) as view:
+        started = set(descendants()) - before
+        view.apply_async(stuck_unless_last_rank)
+    assert still_alive_after(started, seconds=30) == []
+
+
 def test_a_cluster_that_does_not_start_in_time_is_stopped_and_explained():
     before = set(descendants())
     with pytest.raises(ClusterError) as info:

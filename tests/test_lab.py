@@ -18,7 +18,7 @@ def free_port():
 
 def test_make_lab_serves_jupyterlab_and_stops():
     port = free_port()
-    lab = subprocess.Popen(["make", "lab", f"PORT={port}", "LAB_ARGS=--no-browser --ServerApp.ip=127.0.0.1"],
+    lab = subprocess.Popen(["make", "lab", f"PORT={port}", "LAB_ARGS=--no-browser"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     try:

@@ -1,14 +1,15 @@
 """The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train|sync [options]` (or main(argv)).
 
-It parses the options, turns MPICH's progress throttle on for the benchmarks that want it, and only
-then imports the benchmark's module, which starts MPI (mpi4py.MPI initializes it when imported).
+It parses the options, puts the course's MPI settings into the environment (syncml_lib.mpienv: shared
+memory only on one machine, MPICH's progress throttle for the benchmarks that want it), and only then
+imports the benchmark's module, which starts MPI (mpi4py.MPI initializes it when imported).
 """
 import argparse
 import importlib
-import os
 import sys
 
 from . import __doc__ as PACKAGE_DOC
+from .. import mpienv
 from .common import THROTTLE, progress_throttle
 
 DEFAULT_SIZES = ["8", "64", "1K", "8K", "64K", "1M", "8M", "64M"]
@@ -75,13 +76,15 @@ def parser():
 
 
 def main(argv=None):
-    """Parse argv (sys.argv[1:] if None); for ps, data and tasks turn the throttle on if MPI has not
-    started yet, else warn; run the benchmark's main(args) on every rank."""
+    """Parse argv (sys.argv[1:] if None); put the course's MPI settings (mpienv: shared memory only on
+    one machine; the throttle for THROTTLED) into the environment if MPI has not started yet, else warn
+    of an unthrottled MPI; run the benchmark's main(args) on every rank."""
     args = parser().parse_args(argv)
-    if args.command in THROTTLED:
-        mpi = sys.modules.get("mpi4py.MPI")
-        started_before = mpi is not None and mpi.Is_initialized()
-        os.environ.setdefault(THROTTLE, "1")  # MPICH reads it when MPI starts: the import below
+    mpi = sys.modules.get("mpi4py.MPI")
+    started_before = mpi is not None and mpi.Is_initialized()
+    # MPICH and UCX read them when MPI starts, the import below: shared memory only on one machine
+    # (mpienv), and the throttle for the benchmarks that want it
+    mpienv.set_in_this_process(throttle=args.command in THROTTLED)
     benchmark = importlib.import_module(f".{args.command}", __package__)
     if args.command in THROTTLED:
         warn_if_unthrottled(args.command, started_before)
