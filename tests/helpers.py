@@ -47,3 +47,33 @@ def still_alive_after(pids, seconds=15):
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     return alive(pids)
+
+
+def start_make_lab(port, lab_args="--no-browser"):
+    """`make lab` on `port`, in a process group of its own (stop it with stop_process_group)."""
+    import subprocess
+
+    return subprocess.Popen(["make", "lab", f"PORT={port}", f"LAB_ARGS={lab_args}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def stop_process_group(proc, seconds=20):
+    """SIGTERM to the process group of proc (started with start_new_session), SIGKILL if it is still
+    there after `seconds`; then reap proc."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

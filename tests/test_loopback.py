@@ -10,15 +10,12 @@ reading finds such a socket."""
 import ipaddress
 import json
 import os
-import signal
-import socket
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 
-from helpers import ROOT, descendants
+from helpers import descendants, free_port, start_make_lab, stop_process_group
 from syncml_lib import mpienv
 from syncml_lib.cluster import mpi_cluster
 from syncml_lib.mpirun import run
@@ -131,17 +128,9 @@ def test_across_machines_hydras_mpiexec_listens_on_every_interface_the_known_exc
 
 # ----------------------------------------------------------------------------- make lab and its kernels
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_make_lab_and_a_kernel_it_starts_listen_on_loopback_only():
     port, token = free_port(), "loopback-test"
-    lab = subprocess.Popen(["make", "lab", f"PORT={port}", f"LAB_ARGS=--no-browser --IdentityProvider.token={token}"],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    lab = start_make_lab(port, f"--no-browser --IdentityProvider.token={token}")
     try:
         kernel, deadline = None, time.monotonic() + 120
         while kernel is None and time.monotonic() < deadline and lab.poll() is None:
@@ -157,12 +146,7 @@ def test_make_lab_and_a_kernel_it_starts_listen_on_loopback_only():
         time.sleep(3)  # the kernel process binds its sockets
         found = listening(descendants(lab.pid))
     finally:
-        os.killpg(lab.pid, signal.SIGTERM)
-        try:
-            lab.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(lab.pid, signal.SIGKILL)
-            lab.wait()
+        stop_process_group(lab)
     assert any(row[4] == port for row in found), found                        # the server itself
     assert len({row[0] for row in found}) >= 2, found                         # and the kernel's process
     assert beyond_loopback(found) == [], beyond_loopback(found)
