@@ -104,8 +104,9 @@ def _after_the_ranks(proc, cmd, grace, settle=0.1):
     """Every rank has saved its result: wait up to `grace` seconds for the rank processes to exit, then
     `settle` seconds for mpiexec; return its (stdout, stderr). MPICH's mpiexec.gforker notices that its
     ranks are gone only after a wait of about two seconds (it does not stop for SIGTERM meanwhile), so
-    once none of them is left it is killed instead of waited for: there is nothing left for it to do. Rarely, on a loaded machine, MPICH's shutdown hangs after every rank has
-    returned; that is not the code under test, so the job is then killed with a warning, not an error."""
+    once none of them is left it is killed instead of waited for: there is nothing left for it to do.
+    Rarely, on a loaded machine, MPICH's shutdown hangs after every rank has returned; that is not the
+    code under test, so the job is then killed with a warning, not an error."""
     import psutil  # ipyparallel's dependency
 
     deadline, gone_since = time.monotonic() + grace, None
