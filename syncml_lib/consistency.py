@@ -51,9 +51,12 @@ class ClockedRun:
     @property
     def waited(self):
         """Seconds each rank spent waiting before its iterations (start minus the previous end), by rank."""
-        ranks = sorted({row["rank"] for row in self.iterations})
-        return [sum(row["start"] - prev for row, prev in zip(self.of_rank(r), [0.0] + [x["end"] for x in self.of_rank(r)]))
-                for r in ranks]
+        waited = []
+        for rank in sorted({row["rank"] for row in self.iterations}):
+            rows = self.of_rank(rank)
+            previous_ends = [0.0] + [row["end"] for row in rows[:-1]]
+            waited.append(sum(row["start"] - end for row, end in zip(rows, previous_ends)))
+        return waited
 
 
 def makespan_floor(delays, staleness):

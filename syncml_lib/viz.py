@@ -133,6 +133,16 @@ def plot_timeline(records, size, title=None, ax=None):
     return ax
 
 
+def _message_arrows(ax, records, x, alpha, shrink):
+    """An arrow per message of trace records, from its send to its receive at x(record), coloured by sender."""
+    colours = plt.get_cmap("tab10")
+    for send, receive in matched_messages(records):
+        s, r = records[send], records[receive]
+        ax.annotate("", xy=(x(r), r["rank"]), xytext=(x(s), s["rank"]),
+                    arrowprops=dict(arrowstyle="->", color=colours(s["rank"] % 10), lw=0.7, alpha=alpha,
+                                    shrinkA=shrink, shrinkB=shrink))
+
+
 def plot_space_time(run, title=None, ax=None):
     """A space-time diagram of a consistency.ClockedRun: one line per rank, a box per iteration (its
     number inside), gray where the rank waited, an arrow per clock message from its send to the moment
@@ -151,12 +161,8 @@ def plot_space_time(run, title=None, ax=None):
             ax.text(1e3 * (row["start"] + row["end"]) / 2, rank, str(row["iteration"]), ha="center", va="center",
                     fontsize=7, color="white")
             previous_end = row["end"]
-    records = run.messages
-    for send, receive in matched_messages(records):
-        s, r = records[send], records[receive]
-        ax.annotate("", xy=(1e3 * r["end"], r["rank"]), xytext=(1e3 * s["start"], s["rank"]),
-                    arrowprops=dict(arrowstyle="->", color=colours(s["rank"] % 10), lw=0.7, alpha=0.6,
-                                    shrinkA=0, shrinkB=0))
+    _message_arrows(ax, run.messages, lambda record: 1e3 * (record["start"] if record["kind"] == "send" else record["end"]),
+                    alpha=0.6, shrink=0)
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax.set_ylim(len(ranks) - 0.4, -0.6)
     ax.set_xlabel("milliseconds (a box: one iteration; gray: waiting; an arrow: a clock message)")
@@ -178,11 +184,7 @@ def plot_lamport(stamped, title=None, ax=None):
     for r in stamped:
         ax.plot(r["lamport"], r["rank"], "o", ms=4.5, color=colours(r["rank"] % 10),
                 mfc=colours(r["rank"] % 10) if r["kind"] == "send" else "white")
-    for send, receive in matched_messages(stamped):
-        s, r = stamped[send], stamped[receive]
-        ax.annotate("", xy=(r["lamport"], r["rank"]), xytext=(s["lamport"], s["rank"]),
-                    arrowprops=dict(arrowstyle="->", color=colours(s["rank"] % 10), lw=0.7, alpha=0.7,
-                                    shrinkA=3, shrinkB=3))
+    _message_arrows(ax, stamped, lambda record: record["lamport"], alpha=0.7, shrink=3)
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax.set_ylim(len(ranks) - 0.5, -0.5)
     ax.set_xlabel("Lamport clock (filled: a send, open: a receive)")
