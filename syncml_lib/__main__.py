@@ -1,4 +1,5 @@
-"""python -m syncml_lib doctor: check that this machine can run the course, and say how to fix it if not."""
+"""python -m syncml_lib doctor | grade: check that this machine can run the course (and say how to fix it
+if not); grade exercise notebooks check by check (syncml_lib.grade)."""
 import importlib
 import platform
 import sys
@@ -7,9 +8,12 @@ import time
 from . import mpirun
 
 USAGE = """usage: python -m syncml_lib doctor [--ranks N] [--skip-cluster]
+       python -m syncml_lib grade [--json] [--time-limit SECONDS] NOTEBOOK_OR_FOLDER ...
 
   doctor   check Python, numpy, mpi4py, the MPI library, mpiexec, an N-rank Allreduce
            under mpiexec and an ipyparallel cluster of MPI engines (exit 1 if anything fails)
+  grade    run exercise notebooks headless, each on its own cluster, and print a row per check:
+           passed or failed and why (exit 0 only if every check passed)
 """
 
 
@@ -95,6 +99,10 @@ def doctor(ranks=4, cluster=True, out=print):
 
 
 def main(argv):
+    if argv[:1] == ["grade"]:
+        from .grade import main as grade
+
+        return grade(argv[1:])
     if not argv or argv[0] != "doctor" or "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

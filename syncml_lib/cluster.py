@@ -56,6 +56,29 @@ class MPIEnginesLauncher(ipp.cluster.launcher.MPIEngineSetLauncher):
                 os.killpg(self.process.pid, sig)  # ipyparallel starts mpiexec in a new session: pgid == pid
 
 
+class CourseCluster(ipp.Cluster):
+    """ipyparallel's Cluster, started in seconds and stopped in under one.
+
+    - The controller pings the engines every HEARTBEAT_MS instead of every 3 s, and an engine counts
+      as registered only after its first answer to a ping: 4 engines are ready in about 2.7 s, not 7 s
+      (3.3 s with pings every 500 ms). An engine is declared dead after MISSED_BEATS pings without an
+      answer (10 s).
+    - It stops the engines first, then the controller. ipyparallel stops both at once, and an engine
+      whose controller is already gone takes about 4 s to exit instead of half a second.
+    """
+
+    HEARTBEAT_MS, MISSED_BEATS = 100, 100
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("controller_args", [f"--HeartMonitor.period={self.HEARTBEAT_MS}",
+                                              f"--HeartMonitor.max_heartmonitor_misses={self.MISSED_BEATS}"])
+        super().__init__(**kwargs)
+
+    async def stop_cluster(self):
+        await self.stop_engines()
+        await self.stop_controller()
+
+
 class ClusterError(RuntimeError):
     """The cluster could not start (missing MPI, or not up within the time limit)."""
 
@@ -74,7 +97,7 @@ def remove_stale_cluster_files():
     """Delete the files of clusters in our profile whose controller is no longer running."""
     for cluster_file in glob.glob(os.path.join(_profile_dir(), "security", "cluster-*.json")):
         try:
-            cluster = ipp.Cluster.from_file(cluster_file, log_level=logging.CRITICAL)
+            cluster = CourseCluster.from_file(cluster_file, log_level=logging.CRITICAL)
             running = cluster._is_running()
         except Exception:
             cluster, running = None, False
@@ -96,24 +119,28 @@ def rank_view(client):
     return view
 
 
-def start_mpi_cluster(n=4, timeout=60, activate=True):
+def start_mpi_cluster(n=4, timeout=60, activate=True, say=print):
     """Start one controller and n MPI engines; return (cluster, view).
 
     Waits at most `timeout` seconds for all engines; on failure everything started is stopped and
     ClusterError explains what to do. With activate=True the view drives the %px / %%px magics.
-    Each engine starts with `comm`, `rank`, `size`, `MPI` and `np` defined.
+    Each engine starts with `comm`, `rank`, `size`, `MPI` and `np` defined. `say` tells what it is
+    doing ("4 MPI engines ready in 5.1 s"); say=None is silent.
     """
+    say = say or (lambda line: None)
     _check_mpi()
     remove_stale_cluster_files()
+    mpienv.remove_leaked_shared_memory()
     tag = os.environ.get(TAG_VARIABLE, "syncml")
     cluster_id = f"{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    cluster = ipp.Cluster(engines=MPIEnginesLauncher, n=n, profile=PROFILE, cluster_id=cluster_id,
+    cluster = CourseCluster(engines=MPIEnginesLauncher, n=n, profile=PROFILE, cluster_id=cluster_id,
                           log_level=40)
     # the course's MPI settings (mpienv): its mpiexec, nothing listening beyond loopback, and waiting
     # ranks that yield their core (more engines than cores)
     cluster.config.MPILauncher.mpi_cmd = [mpienv.launcher()]
     cluster.config.MPIEngineSetLauncher.environment = {**same_imports_env(), **mpienv.mpi_settings()}
     started = time.perf_counter()
+    say(f"Starting a controller and {n} MPI engines ({os.path.basename(mpienv.launcher())} -n {n}) ...")
     try:
         cluster.start_cluster_sync()
         client = cluster.connect_client_sync()
@@ -131,6 +158,7 @@ def start_mpi_cluster(n=4, timeout=60, activate=True):
             f"pass a longer timeout, e.g. start_mpi_cluster(n={n}, timeout={2 * timeout})."
         ) from exc
     _watch(cluster)
+    say(f"{n} MPI engines ready in {time.perf_counter() - started:.1f} s")
     if activate:
         view.activate()
         _no_progress_bars()
@@ -166,7 +194,7 @@ def watch(pid, cluster_file, every=0.5):
     while os.path.exists(cluster_file):
         if not _alive(pid):
             with contextlib.suppress(Exception):
-                ipp.Cluster.from_file(cluster_file, log_level=logging.CRITICAL).stop_cluster_sync()
+                CourseCluster.from_file(cluster_file, log_level=logging.CRITICAL).stop_cluster_sync()
             return
         time.sleep(every)
 
@@ -186,7 +214,7 @@ def _no_progress_bars():
 @contextlib.contextmanager
 def mpi_cluster(n=4, timeout=60, activate=False):
     """`with mpi_cluster(n) as view:` start a cluster, yield its rank-ordered view, always stop it."""
-    cluster, view = start_mpi_cluster(n, timeout=timeout, activate=activate)
+    cluster, view = start_mpi_cluster(n, timeout=timeout, activate=activate, say=None)
     try:
         yield view
     finally:
@@ -204,7 +232,7 @@ def stop_clusters(tag=None):
     stopped = []
     for cluster_file in glob.glob(os.path.join(_profile_dir(), "security", "cluster-*.json")):
         try:
-            cluster = ipp.Cluster.from_file(cluster_file, log_level=logging.CRITICAL)
+            cluster = CourseCluster.from_file(cluster_file, log_level=logging.CRITICAL)
         except Exception:
             continue
         if tag and not cluster.cluster_id.startswith(tag):

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 __all__ = ["launcher", "mpi_settings", "mpi_environment", "set_in_this_process", "across_machines",
-           "NETWORK_VARIABLE"]
+           "remove_leaked_shared_memory", "NETWORK_VARIABLE"]
 
 NETWORK_VARIABLE = "SYNCML_NETWORK"
 THROTTLE = "MPIR_CVAR_CH4_PROGRESS_THROTTLE"
@@ -69,3 +69,43 @@ def set_in_this_process(throttle=True):
     """Put the course's MPI settings into os.environ, for MPI started by this process: call before
     mpi4py.MPI is imported (a benchmark that a plain mpiexec started does)."""
     os.environ.update(mpi_settings(throttle))
+
+
+def remove_leaked_shared_memory(older_than=10.0):
+    """Delete MPICH's shared-memory segments (/dev/shm/mpich_shm_*) of this user that no living process
+    maps and that are older than `older_than` seconds; return their paths.
+
+    MPICH removes a job's segment when the job ends, but not when its ranks are killed or aborted (a
+    timeout, a rank that raised, an engine stopped). The segment's name comes from the job's id, which
+    a later job can get again once process ids wrap around; that job then fails in MPI_Init with "Out
+    of memory" (MPIDI_POSIX_comm_bootstrap). Every mpiexec job the course starts calls this first.
+    """
+    import glob
+    import time
+
+    candidates = []
+    for path in glob.glob("/dev/shm/mpich_shm_*"):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if info.st_uid == os.getuid() and time.time() - info.st_mtime > older_than:
+            candidates.append(path)
+    if not candidates:
+        return []
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split(None, 5)[-1].strip() for line in f if "/dev/shm/mpich_shm_" in line)
+        except OSError:
+            continue
+    removed = []
+    for path in candidates:
+        if path not in mapped:
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed

@@ -80,6 +80,7 @@ def _launch(cmd, timeout, finished=None, grace=10):
     finished(), if given, says whether every rank has saved its result: from then on the job gets
     `grace` seconds to exit (_after_the_ranks).
     """
+    mpienv.remove_leaked_shared_memory()  # what killed jobs left could make this one fail in MPI_Init
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_child_env(), start_new_session=True)
     deadline, timed_out = time.monotonic() + timeout, False

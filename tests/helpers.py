@@ -59,10 +59,12 @@ def start_make_lab(port, lab_args="--no-browser"):
 
 def stop_process_group(proc, seconds=20):
     """SIGTERM to the process group of proc (started with start_new_session), SIGKILL if it is still
-    there after `seconds`; then reap proc."""
+    there after `seconds`; then reap proc. Nothing if proc has already ended."""
     import signal
     import subprocess
 
+    if proc.poll() is not None:
+        return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=seconds)

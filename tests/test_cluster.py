@@ -1,4 +1,5 @@
 """The notebooks' cluster: MPI engines ordered by rank, a clear error when it cannot start, nothing left."""
+import re
 import subprocess
 import sys
 
@@ -86,7 +87,10 @@ def test_a_killed_kernel_leaves_no_engines_behind():
             "input()\n")
     kernel = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert kernel.stdout.readline().strip() == "up"
+        said = [kernel.stdout.readline().strip() for _ in range(3)]
+        assert said[0] == "Starting a controller and 2 MPI engines (mpiexec.gforker -n 2) ...", said
+        assert re.fullmatch(r"2 MPI engines ready in \d+\.\d s", said[1]), said
+        assert said[2] == "up"
         started = descendants(kernel.pid)
         assert len(started) >= 4
     finally:

@@ -87,11 +87,8 @@ def test_each_check_passes_the_solution(notebook, name, check, ranks):
         check(solution, n=n)
 
 
-@pytest.mark.parametrize("notebook, name, check, ranks", EXERCISES, ids=[e[1] for e in EXERCISES])
-def test_each_check_fails_the_stub_on_every_rank_and_says_it_is_not_written(notebook, name, check, ranks):
-    stub = exercise_functions(f"exercise:{notebook}.ipynb")[name]
-    with pytest.raises(checks.CheckFailed, match="ranks 0, 1, 2, 3: .*NotImplementedError: the exercise is not written yet"):
-        check(stub, n=4)
+# That each check fails the unfinished stub on every rank, saying it is not written yet, is shown on the
+# committed exercise notebooks themselves, run on 4 engines: tests/test_grade.py.
 
 
 def exercise_functions(name):

@@ -327,3 +327,21 @@ def test_bad_input_or_ctrl_c_stops_every_rank_with_the_same_clear_error():
             assert report[case] is not None and all(part in report[case] for part in parts), (case, rank, report[case])
         assert len({report[case] for report in reports}) == 1, case  # the same words on every rank
     assert all(report["clean afterwards"] is None for report in reports)
+
+
+def test_the_cached_split_is_scikit_learns_split(tmp_path, monkeypatch):
+    """The split kept on disk is exactly what scikit-learn makes, and a broken cache file is made anew."""
+    from syncml_lib.training import digits
+
+    monkeypatch.setenv("SYNCML_CACHE", str(tmp_path))
+    fresh = digits._split_with_sklearn()
+    for attempt in ("no file yet", "from the file", "after the file was broken"):
+        digits.load_digits_split.cache_clear()
+        try:
+            loaded = digits.load_digits_split()
+        finally:
+            digits.load_digits_split.cache_clear()
+        assert digits.split_cache_file().exists(), attempt
+        for mine, theirs in zip(loaded, fresh):
+            assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), attempt
+        digits.split_cache_file().write_bytes(b"not a npz file")

@@ -9,6 +9,7 @@ public `check_...` function of a rank function.
 """
 import contextlib
 import inspect
+import os
 import sys
 import time
 import traceback
@@ -23,8 +24,23 @@ from .. import mpirun
 TIMEOUT = 30
 
 
+CHECKS_FOLDER = os.path.dirname(os.path.abspath(__file__))
+
+
 class CheckFailed(AssertionError):
     """The learner's code gave a wrong answer, raised, or hung."""
+
+    def _render_traceback_(self):
+        """What IPython (JupyterLab, nbval) shows of a failed check: the learner's own lines and the
+        message, without the frames of the check's code. IPython would always show the last frame, the
+        `raise` in _report; pytest already leaves it out (__tracebackhide__)."""
+        hidden = [CHECKS_FOLDER] + [os.path.dirname(sys.modules[name].__file__)  # IPython's own frames
+                                    for name in ("IPython", "ipykernel") if name in sys.modules]
+        learners = [frame for frame in traceback.extract_tb(self.__traceback__)
+                    if not os.path.abspath(frame.filename).startswith(tuple(hidden))]
+        lines = ["Traceback (most recent call last):"] if learners else []
+        lines += [entry.rstrip("\n") for entry in traceback.format_list(learners)]
+        return lines + [f"{type(self).__name__}: {self}"]
 
 
 def _in_fresh_comm(comm, rank_fn, *args):

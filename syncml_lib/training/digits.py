@@ -26,7 +26,10 @@ as it is computed, last layer first, and computes the earlier layers only when a
 bucketing starts reducing a layer's gradient while the layers before it are still to be done.
 Cost of forward + backward on n examples: about 6 n sum(in * out) flops.
 """
+import contextlib
 import functools
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -42,7 +45,36 @@ TEST_FRACTION = 0.2
 @functools.cache
 def load_digits_split():
     """(X_train, y_train, X_test, y_test): scikit-learn's digits, split 80/20 (stratified, seeded) and
-    standardized with the training set's mean and standard deviation (once). float64 X, int64 y."""
+    standardized with the training set's mean and standard deviation (once). float64 X, int64 y.
+
+    The split is made with scikit-learn once per machine and kept in a .npz file (split_cache_file):
+    importing scikit-learn takes about a second in every process, which every rank of every run paid."""
+    cache = split_cache_file()
+    try:
+        with np.load(cache) as saved:
+            arrays = tuple(saved[name] for name in ("X_train", "y_train", "X_test", "y_test"))
+    except (OSError, KeyError, ValueError):
+        arrays = _split_with_sklearn()
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs the second
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f"{cache.name}.{os.getpid()}.npz")  # ranks may write at once
+            np.savez(partial, **dict(zip(("X_train", "y_train", "X_test", "y_test"), arrays)))
+            os.replace(partial, cache)
+    for array in arrays:
+        array.flags.writeable = False  # shared by every run in this process
+    return arrays
+
+
+def split_cache_file():
+    """Where the split is kept: named by scikit-learn's version and the split's settings, so another
+    version (whose split could differ) makes its own. SYNCML_CACHE, else ~/.cache/syncml."""
+    from importlib.metadata import version
+
+    folder = Path(os.environ.get("SYNCML_CACHE") or Path.home() / ".cache" / "syncml")
+    return folder / f"digits-sklearn{version('scikit-learn')}-seed{SPLIT_SEED}-test{TEST_FRACTION}.npz"
+
+
+def _split_with_sklearn():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -51,10 +83,7 @@ def load_digits_split():
         X.astype(np.float64), y.astype(np.int64), test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
     mean, std = X_train.mean(axis=0), X_train.std(axis=0)
     std[std == 0] = 1.0  # the corner pixels are always 0
-    arrays = ((X_train - mean) / std, y_train, (X_test - mean) / std, y_test)
-    for array in arrays:
-        array.flags.writeable = False  # shared by every run in this process
-    return arrays
+    return (X_train - mean) / std, y_train, (X_test - mean) / std, y_test
 
 
 # ----------------------------------------------------------------------------- the models
