@@ -169,16 +169,13 @@ def grade(paths, time_limit=TIME_LIMIT, progress=None):
     return rows
 
 
-def table(rows, width=110):
-    """The rows as a text table, a line each, the detail cut to fit `width` characters."""
+def table(rows):
+    """The rows as a text table, a line each; the detail (the first line of what went wrong) in full."""
     heads = ("notebook", "check", "result")
     cols = [max([len(h)] + [len(str(getattr(r, h))) for r in rows]) for h in heads]
     lines = ["  ".join(h.ljust(c) for h, c in zip(heads, cols)) + "  detail"]
     for row in rows:
-        left = "  ".join(str(getattr(row, h)).ljust(c) for h, c in zip(heads, cols))
-        room = max(20, width - len(left) - 2)
-        detail = row.detail if len(row.detail) <= room else row.detail[:room - 3] + "..."
-        lines.append(f"{left}  {detail}".rstrip())
+        lines.append("  ".join([str(getattr(row, h)).ljust(c) for h, c in zip(heads, cols)] + [row.detail]).rstrip())
     passed = sum(row.result == "passed" for row in rows)
     checks = sum(row.check != "(notebook)" for row in rows)
     lines.append(f"{passed} of {checks} checks passed" + ("" if all_passed(rows) else "; not done yet"))
