@@ -98,6 +98,11 @@ class Learner:
             });
         }""")
 
+    def queued_cells(self):
+        """How many cells of the open notebook show the busy prompt [*]."""
+        return self.page.evaluate("""() => Array.from(document.querySelectorAll(
+            '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-InputPrompt')).filter(p => p.textContent.includes('*')).length""")
+
     def kernel_status(self):
         return self.page.evaluate("""() => {
             const session = window.jupyterapp.shell.currentWidget.sessionContext;
@@ -105,11 +110,14 @@ class Learner:
         }""")
 
     def wait_idle(self, seconds, meanwhile=lambda: None):
-        """Wait until the kernel is idle, calling meanwhile() every half second."""
+        """Wait until the kernel is idle and no cell is queued ("[*]"), twice in a row half a second apart
+        (the kernel is briefly idle between the cells of Run All), calling meanwhile() every half second."""
         deadline = time.monotonic() + seconds
+        quiet = 0
         while time.monotonic() < deadline:
             meanwhile()
-            if self.kernel_status() == "idle":
+            quiet = quiet + 1 if self.kernel_status() == "idle" and not self.queued_cells() else 0
+            if quiet == 2:
                 return
             time.sleep(0.5)
         raise AssertionError(f"the kernel was still {self.kernel_status()!r} after {seconds} s; see {SHOTS}")
