@@ -74,12 +74,16 @@ def _child_env():
     return env
 
 
-def _launch(cmd, timeout, finished=None, grace=10):
+EXIT_GRACE = 10  # seconds a job whose ranks have all returned gets to exit
+
+
+def _launch(cmd, timeout, finished=None, grace=None):
     """Run cmd in its own process group; kill the whole group on timeout. Returns (proc, timed_out).
 
     finished(), if given, says whether every rank has saved its result: from then on the job gets
-    `grace` seconds to exit (_after_the_ranks).
+    `grace` seconds to exit (_after_the_ranks; default EXIT_GRACE).
     """
+    grace = EXIT_GRACE if grace is None else grace
     mpienv.remove_leaked_shared_memory()  # what killed jobs left could make this one fail in MPI_Init
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_child_env(), start_new_session=True)
