@@ -1,4 +1,4 @@
-"""Start and stop an ipyparallel cluster of MPI engines for the notebooks.
+"""Start and stop the notebooks' ipyparallel clusters: MPI engines, or plain engines that can die alone.
 
     cluster, view = start_mpi_cluster(n=4)   # n engines launched by mpiexec, %px magics active
     %%px
@@ -27,7 +27,7 @@ from IPython.paths import get_ipython_dir
 from . import mpienv
 from .mpirun import FIX, MPINotFoundError, mpiexec_path, same_imports_env
 
-__all__ = ["start_mpi_cluster", "mpi_cluster", "stop_clusters", "ClusterError", "PROFILE"]
+__all__ = ["start_mpi_cluster", "mpi_cluster", "start_engine_cluster", "engine_cluster", "stop_clusters", "ClusterError", "PROFILE"]
 
 PROFILE = "syncml"  # clusters live in their own IPython profile, so cleaning up never touches others'
 TAG_VARIABLE = "SYNCML_CLUSTER_TAG"  # set by the test suite: every cluster it starts carries the tag
@@ -127,42 +127,75 @@ def start_mpi_cluster(n=4, timeout=60, activate=True, say=print):
     Each engine starts with `comm`, `rank`, `size`, `MPI` and `np` defined. `say` tells what it is
     doing ("4 MPI engines ready in 5.1 s"); say=None is silent.
     """
-    say = say or (lambda line: None)
     _check_mpi()
-    remove_stale_cluster_files()
-    mpienv.remove_leaked_shared_memory()
-    tag = os.environ.get(TAG_VARIABLE, "syncml")
-    cluster_id = f"{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    cluster = CourseCluster(engines=MPIEnginesLauncher, n=n, profile=PROFILE, cluster_id=cluster_id,
-                          log_level=40)
+    cluster = CourseCluster(engines=MPIEnginesLauncher, n=n, profile=PROFILE, cluster_id=_new_cluster_id(),
+                            log_level=40)
     # the course's MPI settings (mpienv): its mpiexec, nothing listening beyond loopback, and waiting
     # ranks that yield their core (more engines than cores)
     cluster.config.MPILauncher.mpi_cmd = [mpienv.launcher()]
     cluster.config.MPIEngineSetLauncher.environment = {**same_imports_env(), **mpienv.mpi_settings()}
+
+    def prepare(client):
+        view = rank_view(client)
+        view.use_cloudpickle()  # functions defined in a notebook reach the engines as they are
+        view.execute(ENGINE_SETUP)
+        return view
+    view = _start(cluster, n, timeout, f"{n} MPI engines ({os.path.basename(mpienv.launcher())} -n {n})",
+                  f"start_mpi_cluster(n={n}, timeout={2 * timeout})", prepare, say)
+    if activate:
+        view.activate()
+        _no_progress_bars()
+    return cluster, view
+
+
+def start_engine_cluster(n=4, timeout=60, say=print):
+    """Start one controller and n plain (non-MPI) engines, each its own process; return (cluster, client).
+
+    Unlike MPI engines, one of these can die alone (kill it, or a task that crashes it) and the others go
+    on; ipyparallel's nanny, a small process beside each engine, tells the controller at once. More
+    engines join with cluster.start_engines_sync(n=1). Time limit, clean-up and messages as for
+    start_mpi_cluster.
+    """
+    cluster = CourseCluster(n=n, profile=PROFILE, cluster_id=_new_cluster_id(), log_level=40)
+    cluster.config.LocalEngineSetLauncher.environment = same_imports_env()
+
+    def prepare(client):
+        client[:].use_cloudpickle()
+        return client
+    return cluster, _start(cluster, n, timeout, f"{n} engines", f"start_engine_cluster(n={n}, timeout={2 * timeout})",
+                           prepare, say)
+
+
+def _new_cluster_id():
+    tag = os.environ.get(TAG_VARIABLE, "syncml")
+    return f"{tag}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+
+
+def _start(cluster, n, timeout, what, longer, prepare, say):
+    """Start the cluster, wait for its n engines and return prepare(client). On failure stop everything
+    and raise ClusterError; on success start the watcher (_watch) that stops it if this process dies."""
+    say = say or (lambda line: None)
+    remove_stale_cluster_files()
+    mpienv.remove_leaked_shared_memory()
     started = time.perf_counter()
-    say(f"Starting a controller and {n} MPI engines ({os.path.basename(mpienv.launcher())} -n {n}) ...")
+    say(f"Starting a controller and {what} ...")
     try:
         cluster.start_cluster_sync()
         client = cluster.connect_client_sync()
         client.wait_for_engines(n, timeout=timeout, interactive=False)
-        view = rank_view(client)
-        view.use_cloudpickle()  # functions defined in a notebook reach the engines as they are
-        view.execute(ENGINE_SETUP)
+        ready = prepare(client)
     except Exception as exc:
         with contextlib.suppress(Exception):
             cluster.stop_cluster_sync()
         took = time.perf_counter() - started
         raise ClusterError(
-            f"The MPI cluster of {n} engines did not start within {timeout}s ({took:.0f}s spent: {exc!r}). "
+            f"The cluster of {what} did not start within {timeout}s ({took:.0f}s spent: {exc!r}). "
             f"It was stopped. Run `python -m syncml_lib doctor` to find the cause; on a slow machine "
-            f"pass a longer timeout, e.g. start_mpi_cluster(n={n}, timeout={2 * timeout})."
+            f"pass a longer timeout, e.g. {longer}."
         ) from exc
     _watch(cluster)
-    say(f"{n} MPI engines ready in {time.perf_counter() - started:.1f} s")
-    if activate:
-        view.activate()
-        _no_progress_bars()
-    return cluster, view
+    say(f"{n} {'MPI engines' if 'MPI' in what else 'engines'} ready in {time.perf_counter() - started:.1f} s")
+    return ready
 
 
 def _watch(cluster):
@@ -220,6 +253,18 @@ def mpi_cluster(n=4, timeout=60, activate=False):
     finally:
         with contextlib.suppress(Exception):
             view.client.close()
+        cluster.stop_cluster_sync()
+
+
+@contextlib.contextmanager
+def engine_cluster(n=4, timeout=60):
+    """`with engine_cluster(n) as (cluster, client):` plain engines, always stopped on exit."""
+    cluster, client = start_engine_cluster(n, timeout=timeout, say=None)
+    try:
+        yield cluster, client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
         cluster.stop_cluster_sync()
 
 

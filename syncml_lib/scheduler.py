@@ -15,16 +15,22 @@ How the master decides who gets which task is the schedule:
     dynamic  self-scheduling: a free worker gets the next `chunk` tasks of one queue. The fast do
              more; the price is one request per chunk.
     guided   like dynamic, with chunks that shrink: guided_chunk(remaining, W, chunk) = max(chunk,
-             ceil(remaining / W)). Big chunks while much is left, small ones at the end for balance.
+             ceil(remaining / W)). Few hand-outs; but its first chunk, a 1/W share, goes to whoever
+             asks first, and if that is a straggler the run lasts as long as static's.
+    factoring  chunks that shrink in batches: W chunks of ceil(remaining / (2W)), then the next
+             batch from what is left (factoring_chunks). The first chunk is half guided's, so a
+             straggler that draws it holds up half as much.
 
 Workers that die. MPI ends the whole job when a process dies (by default: ULFM, MPI's fault-
 tolerance proposal, lets the others go on), so a worker "dies" here by going silent: `die={w: n}`
 makes worker w stop after n tasks, holding the tasks it got next, and never
 report again. The master cannot tell silent from slow. So every hand-out is a lease with a
-deadline (`lease` seconds); when it expires, its unfinished tasks go back to a queue that any
+deadline (`lease` seconds per task it holds: a big chunk gets the time its tasks need); when it expires, its unfinished tasks go back to a queue that any
 worker may take from (expired_leases). If the first worker reports after all, its results are
 dropped (record_result): each task may run more than once, and each result counts once. Without
-leases (lease=None) a silent worker's tasks are never done, and run_tasks says which.
+leases (lease=None) a silent worker's tasks are never done, and run_tasks says which. (It can say so
+because this is a simulation: it knows which workers went silent and ends the run when everybody else
+waits. A real master sees nothing of a dead worker and, without leases, would wait forever.)
 
 Cost: one request and one reply (pickled, small) per hand-out, to and from one master: the master
 serializes them, so tiny tasks want bigger chunks. Tasks and results should be small (they are
@@ -39,9 +45,10 @@ from . import rpc
 from .rpc import check_same_on_all_ranks
 from .data import block_range, cyclic_range
 
-__all__ = ["run_tasks", "TaskResult", "SCHEDULES", "guided_chunk", "expired_leases", "record_result"]
+__all__ = ["run_tasks", "TaskResult", "SCHEDULES", "guided_chunk", "factoring_chunks", "expired_leases",
+           "record_result"]
 
-SCHEDULES = ("static", "cyclic", "dynamic", "guided")
+SCHEDULES = ("static", "cyclic", "dynamic", "guided", "factoring")
 
 
 # ----------------------------------------------------------------------------- the three rules of the chapter
@@ -52,6 +59,21 @@ def guided_chunk(remaining, workers, min_chunk):
     """Guided self-scheduling's chunk: a 1/workers share of what remains, never fewer than min_chunk
     (and never more than remains)."""
     return min(remaining, max(min_chunk, math.ceil(remaining / workers)))
+
+
+def factoring_chunks(n_tasks, workers, min_chunk):
+    """Factoring's chunk sizes for n_tasks, in hand-out order: batches of `workers` chunks of
+    max(min_chunk, ceil(remaining / (2 * workers))), `remaining` counted at the start of each batch; no
+    chunk larger than what is left, and the sizes add up to n_tasks."""
+    sizes, remaining = [], n_tasks
+    while remaining > 0:
+        size = max(min_chunk, math.ceil(remaining / (2 * workers)))
+        for _ in range(workers):
+            if remaining == 0:
+                break
+            sizes.append(min(size, remaining))
+            remaining -= sizes[-1]
+    return sizes
 
 
 def expired_leases(leases, now):
@@ -85,7 +107,8 @@ class _Master:
             self.own = {rank: deque(cyclic_range(n_tasks, W, w)) for w, rank in enumerate(workers)}
         else:
             self.own = {rank: deque() for rank in workers}
-        self.shared = deque(range(n_tasks)) if schedule in ("dynamic", "guided") else deque()
+        self.shared = deque(range(n_tasks)) if schedule in ("dynamic", "guided", "factoring") else deque()
+        self.planned = deque(factoring_chunks(n_tasks, W, chunk)) if schedule == "factoring" else deque()
         self.leases, self.next_lease = {}, 0  # lease id -> (worker rank, task ids, deadline)
         self.done, self.trace, self.duplicates, self.reassigned = {}, [], 0, []
         self.waiting, self.silent = [], []  # ranks whose "next" is held back; ranks gone silent
@@ -134,12 +157,25 @@ class _Master:
         """The task ids to hand to worker `rank` now (maybe none)."""
         own, shared = self.own[rank], self.shared
         if own:
-            return [own.popleft() for _ in range(min(self.chunk, len(own)))] if self.schedule in ("dynamic", "guided") \
-                else list(_drain(own))
+            return list(_drain(own))
+        while shared and shared[0] in self.done:  # handed out again, and finished meanwhile by its first worker
+            shared.popleft()
         if not shared:
             return []
-        size = guided_chunk(len(shared), len(self.workers), self.chunk) if self.schedule == "guided" else self.chunk
-        return [shared.popleft() for _ in range(min(size, len(shared)))]
+        if self.schedule == "guided":
+            size = guided_chunk(len(shared), len(self.workers), self.chunk)
+        elif self.schedule == "factoring" and self.planned:
+            size = self.planned.popleft()
+        else:
+            size = self.chunk
+        tasks = []
+        for _ in range(size):  # (a size that is not an int, from a wrong guided_chunk, raises TypeError here)
+            while shared and shared[0] in self.done:
+                shared.popleft()
+            if not shared:
+                break
+            tasks.append(shared.popleft())
+        return tasks
 
     def _answer(self, rank):
         if self.finished():
@@ -148,7 +184,7 @@ class _Master:
         if not tasks:  # nothing now: wait for results, or for a lease to expire
             self.waiting.append(rank)
             return rpc.DEFER
-        deadline = None if self.lease is None else time.monotonic() + self.lease
+        deadline = None if self.lease is None else time.monotonic() + self.lease * len(tasks)
         self.leases[self.next_lease] = (rank, tasks, deadline)
         self.next_lease += 1
         return {"lease": self.next_lease - 1, "tasks": tasks}, []
@@ -214,9 +250,9 @@ def run_tasks(comm, tasks, task_fn, *, schedule="dynamic", chunk=1, lease=None, 
     """Run task_fn(task) for every task over the ranks of comm (collective); return a TaskResult.
 
     tasks: the same list on every rank (task_fn gets tasks[i]; results are pickled to the master).
-    schedule: "static", "cyclic", "dynamic" or "guided"; chunk: tasks per hand-out (dynamic), the
-    smallest chunk (guided). lease: seconds a worker may hold tasks before they are handed out again
-    (None: forever). die: {worker: n}: worker (0-based among the workers: worker w is rank w + 1)
+    schedule: "static", "cyclic", "dynamic", "guided" or "factoring"; chunk: tasks per hand-out
+    (dynamic), the smallest chunk (guided, factoring). lease: seconds per task a worker may hold a
+    hand-out before its unfinished tasks are handed out again (None: forever). die: {worker: n}: worker (0-based among the workers: worker w is rank w + 1)
     goes silent after n tasks (a simulated death). If task_fn raises, every rank raises
     RunAborted("worker 2 failed on task 7: ..."); if the master fails, RunAborted("master: ...");
     if tasks are left undone (a silent worker and no lease), RuntimeError names them.
@@ -251,9 +287,12 @@ def run_tasks(comm, tasks, task_fn, *, schedule="dynamic", chunk=1, lease=None, 
 
     missing = [t for t in range(len(tasks)) if t not in outcome["done"]]
     if missing:
+        why = ("a worker went silent holding them, and with lease=None they are never handed out again"
+               if lease is None else f"every worker went silent, so no one was left to take them when their "
+                                     f"lease of {lease} s per task expired")
         raise RuntimeError(f"{len(missing)} of {len(tasks)} tasks never finished ({missing[:10]}"
-                           f"{' ...' if len(missing) > 10 else ''}): a worker went silent holding them, and "
-                           f"with lease=None they are never handed out again")
+                           f"{' ...' if len(missing) > 10 else ''}): {why} (the simulation knows who went silent "
+                           f"and ends the run; a real master cannot see it and would wait forever)")
     trace = outcome["trace"]
     per_worker = [sum(row["worker"] == w for row in trace) for w in range(len(me.workers))]
     return TaskResult([outcome["done"][t] for t in range(len(tasks))], trace,

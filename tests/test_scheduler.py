@@ -13,7 +13,7 @@ import pytest
 
 from syncml_lib.data import block_range
 from syncml_lib.mpirun import run
-from syncml_lib.scheduler import expired_leases, guided_chunk, record_result, run_tasks
+from syncml_lib.scheduler import expired_leases, factoring_chunks, guided_chunk, record_result, run_tasks
 
 
 def square(task):
@@ -100,7 +100,9 @@ def test_with_a_lease_nothing_is_lost_when_a_worker_dies(schedule):
 def test_without_a_lease_a_dead_workers_tasks_are_named_on_every_rank():
     reports = run(silent_job, 4, "dynamic", None, {0: 0}, timeout=60)   # dies holding its first chunk of 2
     assert all(re.fullmatch(r"2 of 24 tasks never finished \(\[(\d+), (\d+)\]\): a worker went silent holding "
-                            r"them, and with lease=None they are never handed out again", r) for r in reports), reports
+                            r"them, and with lease=None they are never handed out again \(the simulation knows who went "
+                            r"silent and ends the run; a real master cannot see it and would wait forever\)", r)
+               for r in reports), reports
     first, second = map(int, re.search(r"\[(\d+), (\d+)\]", reports[0]).groups())
     assert second == first + 1 and first % 2 == 0                     # one chunk of the queue
 
@@ -178,7 +180,7 @@ def bad_arguments_job(comm, kwargs):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"schedule": "fifo"}, "unknown schedule 'fifo'; valid schedules are static, cyclic, dynamic, guided"),
+    ({"schedule": "fifo"}, "unknown schedule 'fifo'; valid schedules are static, cyclic, dynamic, guided, factoring"),
     ({"chunk": 0}, "chunk must be a positive integer, got 0"),
     ({"lease": -1}, "lease must be a positive number of seconds or None, got -1"),
     ({"die": {5: 1}}, "die names workers [5], but the workers are 0 .. 2"),
@@ -200,3 +202,54 @@ def test_ranks_that_disagree_all_hear_it():
 def test_when_every_worker_dies_the_run_ends_and_names_what_is_missing():
     reports = run(silent_job, 3, "dynamic", 0.05, {0: 1, 1: 2}, timeout=60)
     assert all(r.startswith("of 24 tasks never finished", r.index(" ") + 1) for r in reports), reports
+
+
+def test_when_every_worker_goes_silent_the_message_names_the_lease_that_was_set():
+    reports = run(silent_job, 3, "dynamic", 0.05, {0: 0, 1: 0}, timeout=60)
+    assert all("every worker went silent, so no one was left to take them when their lease of 0.05 s per task "
+               "expired" in r for r in reports), reports
+
+
+def static_healthy_job(comm):
+    def task_fn(task):
+        time.sleep(0.02)
+        return task
+    result = run_tasks(comm, list(range(12)), task_fn, schedule="static", lease=0.06)
+    return result.reassigned, result.duplicates, result.results
+
+
+def test_a_lease_is_per_task_so_a_big_healthy_chunk_does_not_expire():
+    # static hands each of 3 workers its 4 tasks of 20 ms at once: 80 ms of work. A lease of 60 ms per task
+    # gives that hand-out 240 ms; a lease of 60 ms for the whole hand-out would expire while it is healthy.
+    reassigned, duplicates, results = run(static_healthy_job, 4, timeout=60)[0]
+    assert results == list(range(12)) and reassigned == [] and duplicates == 0
+
+
+@pytest.mark.parametrize("n_tasks, workers, min_chunk", [(100, 4, 1), (48, 3, 1), (7, 3, 2), (1, 5, 1), (0, 2, 1)])
+def test_factoring_hands_out_batches_of_w_chunks_of_half_a_share(n_tasks, workers, min_chunk):
+    sizes, remaining = factoring_chunks(n_tasks, workers, min_chunk), n_tasks
+    assert sum(sizes) == n_tasks
+    for start in range(0, len(sizes), workers):
+        batch = sizes[start:start + workers]
+        want = max(min_chunk, -(-remaining // (2 * workers)))
+        assert all(size == min(want, remaining - sum(batch[:i])) for i, size in enumerate(batch)), (sizes, start)
+        remaining -= sum(batch)
+    assert factoring_chunks(100, 4, 1)[:5] == [13, 13, 13, 13, 6]      # 100 / 8 rounded up, then 48 / 8
+
+
+def first_draw_straggler_job(comm, schedule):
+    state = {"slow": False}
+
+    def task_fn(task):           # the worker that draws task 0 is 4 times slower from then on
+        state["slow"] = state["slow"] or task == 0
+        time.sleep(0.004 * (4 if state["slow"] else 1))
+        return task
+    result = run_tasks(comm, list(range(48)), task_fn, schedule=schedule)
+    return result.results, result.per_worker, result.makespan
+
+
+def test_factoring_runs_with_every_task_once_and_gives_the_straggler_half_of_guideds_first_chunk():
+    results, per_worker, _ = run(first_draw_straggler_job, 4, "factoring", timeout=60)[0]
+    assert results == list(range(48)) and sum(per_worker) == 48
+    _, guided_per_worker, _ = run(first_draw_straggler_job, 4, "guided", timeout=60)[0]
+    assert max(guided_per_worker) >= 16 > max(per_worker) - 8  # guided's first chunk is 16 of 48, factoring's 8

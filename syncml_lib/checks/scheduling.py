@@ -109,7 +109,7 @@ EXPIRY_CASES = (
     (1e9, [10, 11, 13], "lease 12 has no deadline (None): it never expires"),
 )
 NEVER_EXPIRES = f"lease {NO_DEADLINE} has no deadline (None): it never expires; skip it"
-EXPIRY_RUN = dict(schedule="dynamic", chunk=2, lease=0.2)  # and worker 0 goes silent, when there are 2 workers
+EXPIRY_RUN = dict(schedule="dynamic", chunk=2, lease=0.1)  # and worker 0 goes silent, when there are 2 workers
 
 
 def _judge_expiry(args, got, expected, why):
@@ -176,7 +176,7 @@ RECORD_CASES = (  # (task, result), (what record_result returns, done after the 
     ((4, 16), (False, {3: "first", 4: 0}), "task 4 has a result already, 0: a falsy result (0, None, '') is a "
                                            "result too; ask `task in done`, not `done.get(task)`"),
 )
-RECORD_RUN = dict(schedule="dynamic", chunk=4, lease=TASK_SECONDS)  # a lease a quarter of a hand-out's work
+RECORD_RUN = dict(schedule="dynamic", chunk=4, lease=TASK_SECONDS / 4)  # a quarter of each task's time
 
 
 def _judge_record(args, got, expected, why):
