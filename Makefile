@@ -64,10 +64,11 @@ exercises: install
 doctor: install
 	$(BIN)/python -m syncml_lib doctor
 
-## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks, BENCH=train or BENCH=sync
+## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks, BENCH=train or BENCH=sync;
+## BENCH=engines (against ipyparallel's load-balanced view) starts its own plain engines, without mpiexec
 BENCH ?= allreduce
 bench: install
-	$(MPIEXEC) -n $(RANKS) $(BIN)/python -m syncml_lib.bench $(BENCH)
+	$(if $(filter engines,$(BENCH)),,$(MPIEXEC) -n $(RANKS)) $(BIN)/python -m syncml_lib.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

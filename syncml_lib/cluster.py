@@ -153,7 +153,7 @@ def start_engine_cluster(n=4, timeout=60, say=print):
 
     Unlike MPI engines, one of these can die alone (kill it, or a task that crashes it) and the others go
     on; ipyparallel's nanny, a small process beside each engine, tells the controller at once. More
-    engines join with cluster.start_engines_sync(n=1). Time limit, clean-up and messages as for
+    engines join with add_engines(cluster, client, n). Time limit, clean-up and messages as for
     start_mpi_cluster.
     """
     cluster = CourseCluster(n=n, profile=PROFILE, cluster_id=_new_cluster_id(), log_level=40)
@@ -164,6 +164,24 @@ def start_engine_cluster(n=4, timeout=60, say=print):
         return client
     return cluster, _start(cluster, n, timeout, f"{n} engines", f"start_engine_cluster(n={n}, timeout={2 * timeout})",
                            prepare, say)
+
+
+def add_engines(cluster, client, n=1, timeout=30):
+    """Start n more plain engines (replacements for dead ones) and wait until they have registered;
+    return their ids.
+
+    Not client.wait_for_engines: once one of the cluster's engine sets has stopped entirely (the one
+    engine started with it died), that call fails at once with "Engine set stopped".
+    """
+    before = set(client.ids)
+    cluster.start_engines_sync(n=n)
+    deadline = time.monotonic() + timeout
+    while len(set(client.ids) - before) < n:
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{n} new engine(s) did not register within {timeout}s "
+                               f"(engines now: {client.ids})")
+        time.sleep(0.05)
+    return sorted(set(client.ids) - before)
 
 
 def _new_cluster_id():

@@ -16,19 +16,22 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
 2. The ready tasks are those whose dependencies have all finished. Order them by critical path: a task's
    priority is its cost plus the largest priority among the tasks that wait for it (the longest chain of
    work it still holds up); order="arrival" keeps the order of submission instead.
-3. Every idle engine gets the first ready task (dynamic self-scheduling, one task per engine at a time).
+3. Every idle engine gets the first ready task (dynamic self-scheduling, one task per engine at a time;
+   per_engine=2 sends each engine a second one to start as soon as the first ends).
 4. Wait for the first attempt to end (ipyparallel's AsyncResults are concurrent.futures Futures):
    - it returned: keep its result (once); its dependents may become ready;
    - it raised: the task fails, and so does every task that depends on it, naming it (no retry: a bug
      raises again on another engine). Everything else still runs;
    - its engine died (ipyparallel's EngineError, which the engine's nanny reports at once): the engine is
-     gone; the task goes back to the ready tasks, and after retries + 1 dead engines it fails by name.
+     gone; the task goes back to the ready tasks, and after retries + 1 dead engines it fails by name
+     (a task that was only waiting on that engine, per_engine > 1, goes back without using a retry).
 5. Engines that register meanwhile (replacements) join the idle ones, and a retried task may go to any
    engine alive, one it has run on before included.
 
-Cost: two messages per task through ipyparallel's controller (about a millisecond each way here), one
-task per engine at a time, so tiny tasks are dominated by the round trip; the master's work per step is
-O(ready tasks). Ctrl-C (Kernel > Interrupt) sends SIGINT to the engines running tasks, waits for them
+Cost: two messages per task through ipyparallel's controller (about a millisecond each way here); with
+one task per engine at a time an engine waits a round trip through this kernel between tasks, which
+dominates tiny tasks (per_engine=2 hides it, at the price of a task sometimes waiting behind a long one
+while another engine is free). The master's work per step is O(engines) for a map. Ctrl-C (Kernel > Interrupt) sends SIGINT to the engines running tasks, waits for them
 (5 s at most), marks the unfinished tasks cancelled and raises KeyboardInterrupt saying how far it got;
 the engines stay usable.
 """
@@ -39,7 +42,7 @@ import signal
 import socket
 import time
 
-__all__ = ["EngineScheduler", "TaskFuture", "TaskFailed", "GraphError", "ORDERS"]
+__all__ = ["EngineScheduler", "TaskFuture", "TaskFailed", "GraphError", "ORDERS", "ready_tasks", "requeue_lost"]
 
 ORDERS = ("critical path", "arrival")
 
@@ -102,15 +105,40 @@ def _engine_died(error):
     return getattr(error, "ename", None) == "EngineError"
 
 
+# ----------------------------------------------------------------------------- the two rules of the master
+# Small functions the master calls by name, so that the chapter's exercises can put a learner's version in
+# their place (checks/engines.py does) and run the real scheduler with it.
+
+def ready_tasks(queue, depends_on, finished, running):
+    """The tasks of `queue` (in hand-out order) that can start now: not running, not finished, and every
+    task in depends_on[task] finished. Keeps the queue's order."""
+    return [t for t in queue if t not in running and t not in finished and all(d in finished for d in depends_on[t])]
+
+
+def requeue_lost(lost, attempts, retries):
+    """The engine running the tasks `lost` died. Returns (again, given_up): the lost tasks that go back to
+    the queue, because they have not yet used up their retries (attempts[task] <= retries), and those
+    given up (attempts[task] == retries + 1: they were on as many engines that died). Every lost task is
+    in exactly one of the two lists, in the order of `lost`."""
+    again = [t for t in lost if attempts[t] <= retries]
+    given_up = [t for t in lost if attempts[t] > retries]
+    return again, given_up
+
+
 class EngineScheduler:
     """Dynamic self-scheduling of tasks and task graphs over the engines of an ipyparallel Client."""
 
-    def __init__(self, client, retries=2, order="critical path", engine_wait=5.0):
+    WINDOW = 64  # tasks of the queue looked at together when looking for ready ones
+
+    def __init__(self, client, retries=2, order="critical path", engine_wait=5.0, per_engine=1):
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; valid orders are {', '.join(map(repr, ORDERS))}")
+        if not isinstance(per_engine, int) or per_engine < 1:
+            raise ValueError(f"per_engine must be an integer >= 1, got {per_engine!r}")
         self.client, self.retries, self.order, self.engine_wait = client, retries, order, engine_wait
+        self.per_engine = per_engine  # tasks sent to an engine at once: it runs one, the others wait there
         self.pending = []             # submitted, not finished, in submission order
         self.queue = []               # the pending tasks of the graph that runs, in hand-out order
         self.running = {}             # AsyncResult -> (task, engine, start time)
@@ -119,6 +147,8 @@ class EngineScheduler:
         self.tasks = {}               # name -> TaskFuture, every task submitted with a name
         self.records = []             # one row per attempt
         self.dead = []                # ids of the engines seen dying
+        self.finished = set()         # the tasks that have finished (done or failed)
+        self.requeued = []            # names of the tasks put back in the queue after their engine died
         self.t0 = time.time()
         self._names = itertools.count()
 
@@ -258,53 +288,85 @@ class EngineScheduler:
         return priority
 
     def _hand_out(self):
-        """Steps 2 and 3: each idle engine gets the first ready task of the queue."""
-        busy = {engine for _, engine, _ in self.running.values()}
-        idle = sorted(set(self.engines) - busy)
-        if not idle:
-            return
+        """Steps 2 and 3: each idle engine gets the next ready task of the queue (with per_engine > 1, up to
+        that many each, first one for every engine). ready_tasks is asked about the queue a window at a time,
+        only until every free place has a task (a long map stays cheap)."""
+        held = {engine: 0 for engine in self.engines}
+        for _, engine, _ in self.running.values():
+            held[engine] += 1
+        places = [engine for depth in range(self.per_engine) for engine in sorted(held) if held[engine] <= depth]
         running = {task for task, _, _ in self.running.values()}
-        for task in self.queue:
-            if task in running or not all(d.done() for d in task.depends_on):
-                continue
-            engine = idle.pop(0)
+        ready = []
+        for i in range(0, len(self.queue) if places else 0, self.WINDOW):
+            window = self.queue[i:i + self.WINDOW]
+            ready += ready_tasks(window, {t: t.depends_on for t in window}, self.finished, running)
+            if len(ready) >= len(places):
+                break
+        for task, engine in zip(ready, places):
             args = tuple(a._result if isinstance(a, TaskFuture) else a for a in task.args)
             task.attempts += 1
             self.running[self.views[engine].apply_async(_timed, task.fn, args)] = (task, engine, time.time())
-            if not idle:
-                return
 
     def _collect(self, finished):
         """Step 4: what the attempts that ended say."""
         for ar in finished:
-            task, engine, sent = self.running.pop(ar)
-            row = dict(task=task.name, engine=engine, attempt=task.attempts)
+            if ar not in self.running:  # already handled with the other tasks of its dead engine
+                continue
+            task, engine, sent = self.running[ar]
             try:
                 result, start, end = ar.get()
             except Exception as error:
                 if _engine_died(error):
-                    self.engines.pop(engine, None)
-                    self.dead.append(engine)
-                    task.engines_killed.append(engine)
-                    self.records.append(dict(row, start=sent - self.t0, end=time.time() - self.t0, outcome="engine died"))
-                    if task.attempts > self.retries:
-                        self._finish(task, error=TaskFailed(
-                            f"task {task.name!r} failed: its engine died on each of its {task.attempts} attempts "
-                            f"(engines {task.engines_killed}; retries={self.retries})"))
-                    continue  # else: ready again
-                self.records.append(dict(row, start=sent - self.t0, end=time.time() - self.t0, outcome="raised"))
+                    self._lose_engine(engine)
+                    continue
+                del self.running[ar]
+                self._record(task, engine, sent - self.t0, time.time() - self.t0, "raised")
                 self._finish(task, error=TaskFailed(f"task {task.name!r} failed on engine {engine}: "
                                                     f"{getattr(error, 'ename', type(error).__name__)}: "
                                                     f"{getattr(error, 'evalue', error)}"))
                 continue
-            self.records.append(dict(row, start=start - self.t0, end=end - self.t0, outcome="done"))
+            del self.running[ar]
+            self._record(task, engine, start - self.t0, end - self.t0, "done")
             self._finish(task, result=result)
+
+    def _record(self, task, engine, start, end, outcome):
+        self.records.append(dict(task=task.name, engine=engine, attempt=task.attempts, start=start, end=end,
+                                 outcome=outcome))
+
+    def _lose_engine(self, engine):
+        """The engine is gone. It runs what it is sent in order, so the first of its tasks still out (in the
+        order they were sent: self.running keeps it) was running: an attempt that killed an engine. Tasks
+        sent after it (per_engine > 1) never started: back to the queue without using a retry."""
+        self.engines.pop(engine, None)
+        self.dead.append(engine)
+        held = [(ar, task, sent) for ar, (task, where, sent) in self.running.items() if where == engine]
+        for ar, task, _ in held:
+            del self.running[ar]
+        (_, running, sent), waiting = held[0], held[1:]
+        running.engines_killed.append(engine)
+        self._record(running, engine, sent - self.t0, time.time() - self.t0, "engine died")
+        for _, task, _ in waiting:
+            task.attempts -= 1
+        self._requeue([running])
+
+    def _requeue(self, lost):
+        """The tasks of a dead engine: back to the queue (they were never removed from it), or given up."""
+        again, given_up = requeue_lost(lost, {t: t.attempts for t in lost}, self.retries)
+        for task in given_up:
+            self._finish(task, error=TaskFailed(
+                f"task {task.name!r} failed: its engine died on each of its {task.attempts} attempts "
+                f"(engines {task.engines_killed}; retries={self.retries})"))
+        self.requeued.extend(t.name for t in again)
+        missing = [t.name for t in lost if t not in again and t not in given_up]
+        if missing:
+            raise RuntimeError(f"requeue_lost dropped {missing}: neither run again nor given up")
 
     def _finish(self, task, result=None, error=None):
         """The task is over; if it failed, so are the tasks waiting for it, naming it."""
         if task.done():
             return
         task._finish(result, error)
+        self.finished.add(task)
         self.pending.remove(task)
         if task in self.queue:
             self.queue.remove(task)

@@ -393,3 +393,69 @@ def plot_bytes_per_step(sent, formulas, ax=None):
     ax.set_xlabel("KB sent per step (1 KB = 1000 bytes)")
     ax.grid(axis="x", alpha=0.3)
     return ax
+
+
+# ----------------------------------------------------------------------------- chapter 05b: engines and graphs
+
+def plot_engine_timeline(records, title=None, ax=None, names=False):
+    """One row per engine, one bar per attempt (from EngineScheduler.records): done in blue, raised in
+    orange, an attempt whose engine died in red, ending where the death was noticed; a retry that
+    succeeded in green. names=True writes each task's name in its bar."""
+    ax = ax or plt.gca()
+    engines = sorted({row["engine"] for row in records})
+    colour = {"done": "tab:blue", "raised": "tab:orange", "engine died": "tab:red"}
+    for row in records:
+        y = engines.index(row["engine"])
+        start, width = 1000 * row["start"], 1000 * (row["end"] - row["start"])
+        retried = row["outcome"] == "done" and row["attempt"] > 1
+        ax.barh(y, width, left=start, height=0.7, color="tab:green" if retried else colour[row["outcome"]],
+                edgecolor="white", linewidth=0.5)
+        if row["outcome"] == "engine died":
+            ax.text(start + width, y, f" {row['task']} killed engine {row['engine']}", va="center", fontsize=7)
+        if names:
+            ax.text(start + width / 2, y, row["task"], ha="center", va="center", fontsize=7, color="white")
+    return _rows(ax, [f"engine {e}" for e in engines], title,
+                 "milliseconds (blue: done, green: done on a retry, orange: raised, red: the engine died)")
+
+
+def _rows(ax, labels, title, xlabel, margin=0.5):
+    """Finish a picture with one row per label, the first at the top."""
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(len(labels) - 1 + margin, -margin)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_task_graph(depends_on, ax=None, title=None):
+    """A task graph drawn in layers: a task sits one layer right of its deepest dependency; arrows go from
+    a dependency to the task that waits for it. depends_on: task name -> list of names."""
+    ax = ax or plt.gca()
+    layer = {}
+
+    def depth(name):
+        if name not in layer:
+            layer[name] = 1 + max((depth(d) for d in depends_on[name]), default=-1)
+        return layer[name]
+    for name in depends_on:
+        depth(name)
+    rows = {}
+    position = {}
+    for name in depends_on:
+        position[name] = (layer[name], rows.setdefault(layer[name], 0))
+        rows[layer[name]] += 1
+    for name, deps in depends_on.items():
+        for d in deps:
+            (x0, y0), (x1, y1) = position[d], position[name]
+            ax.annotate("", xy=(x1, -y1), xytext=(x0, -y0),
+                        arrowprops=dict(arrowstyle="->", color="grey", lw=0.8, shrinkA=12, shrinkB=12))
+    for name, (x, y) in position.items():
+        ax.text(x, -y, name, ha="center", va="center", fontsize=8,
+                bbox=dict(boxstyle="round", facecolor="white", edgecolor="tab:blue"))
+    ax.set_xlim(-0.6, max(layer.values()) + 0.6)
+    ax.set_ylim(-max(rows.values()) + 0.4, 0.6)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

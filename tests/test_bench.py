@@ -205,3 +205,21 @@ def test_the_sync_benchmark_prints_every_barrier_and_update_method_with_its_loss
 def test_the_sync_benchmark_refuses_one_rank():
     result = bench(1, "sync", check=False)
     assert result.returncode != 0 and "bench sync needs at least 2 ranks (a server and a worker)" in result.stderr
+
+
+def test_the_engines_benchmark_prints_its_three_tables_and_no_makespan_beats_the_lower_bound():
+    out = subprocess.run([sys.executable, "-m", "syncml_lib.bench", "engines", "--engines", "2", "--tasks", "20",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "20 empty tasks on 2 plain engines" in out, out
+    assert len(rows_of(out, "EngineScheduler")) == 2 and len(rows_of(out, "load-balanced view")) == 2, out
+    assert len(rows_of(out, "EngineScheduler, per_engine=2")) == 1, out
+    assert rows_of(out, "load-balanced view")[0].split("|")[-1].strip() == "1.00x", out   # the reference
+    for graph in ("random, 32 tasks, 128 edges", "12 short tasks, then a chain of 4"):
+        (row,) = rows_of(out, graph)
+        ratios = [float(cell.split("(")[1].rstrip("x) ")) for cell in row.split("|")[2:]]
+        assert len(ratios) == 3 and all(r >= 0.98 for r in ratios), row   # 2 % for the clocks' resolution
+
+
+def test_the_engines_benchmark_refuses_to_run_under_mpiexec():
+    result = bench(2, "engines", check=False)
+    assert result.returncode != 0 and "run it without mpiexec" in result.stderr, result.stderr

@@ -57,12 +57,12 @@ def done_rows(records):
     return [row for row in records if row["outcome"] == "done"]
 
 
-@pytest.mark.parametrize("engines", [2, 4])
-def test_an_engine_killed_mid_map_loses_no_task_and_duplicates_none(engines, tmp_path):
+@pytest.mark.parametrize("engines, per_engine", [(2, 1), (4, 1), (3, 2)])
+def test_an_engine_killed_mid_map_loses_no_task_and_duplicates_none(engines, per_engine, tmp_path):
     before = set(descendants())
     with engine_cluster(engines) as (cluster, client):
         started = set(descendants()) - before
-        sched = EngineScheduler(client, retries=2)
+        sched = EngineScheduler(client, retries=2, per_engine=per_engine)
         assert sched.map(square_dying_once_at(str(tmp_path), 13), range(40)) == [i * i for i in range(40)]
         done = done_rows(sched.records)
         assert sorted(row["task"] for row in done) == sorted(f"item {i}" for i in range(40))  # each once
@@ -70,6 +70,9 @@ def test_an_engine_killed_mid_map_loses_no_task_and_duplicates_none(engines, tmp
         assert [row["task"] for row in died] == ["item 13"] and len(sched.dead) == 1
         rerun = [row for row in done if row["task"] == "item 13"]
         assert rerun[0]["attempt"] == 2 and rerun[0]["engine"] != died[0]["engine"]
+        # a task waiting behind item 13 on its engine (per_engine=2) never started: no retry used, no blame
+        assert all(row["attempt"] == 1 for row in done if row["task"] != "item 13"), done
+        assert sched.requeued == ["item 13"]
         assert sorted(client.ids) == sorted(set(range(engines)) - set(sched.dead))
     assert still_alive_after(started) == []
 
@@ -198,6 +201,7 @@ def test_an_interrupt_ends_the_run_within_seconds_and_the_engines_are_usable_aga
 @pytest.mark.parametrize("kwargs, message", [
     (dict(retries=-1), "retries must be an integer >= 0, got -1"),
     (dict(order="random"), "unknown order 'random'; valid orders are 'critical path', 'arrival'"),
+    (dict(per_engine=0), "per_engine must be an integer >= 1, got 0"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

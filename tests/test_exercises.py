@@ -35,6 +35,9 @@ EXERCISES = [
     ("05_task_scheduling", "guided_chunk", checks.check_guided_chunk, (2, 4)),
     ("05_task_scheduling", "expired_leases", checks.check_expired_leases, (2, 4)),
     ("05_task_scheduling", "record_result", checks.check_record_result, (2, 4)),
+    ("05_task_scheduling", "factoring_chunks", checks.check_factoring_chunks, (2, 4)),
+    ("05b_engines_that_die", "ready_tasks", checks.check_ready_tasks, ()),      # in the kernel, on engines
+    ("05b_engines_that_die", "requeue_lost", checks.check_requeue_lost, ()),    # of its own: no ranks
     ("06_data_parallel_training", "weighted_average", checks.check_weighted_average, (1, 2, 3, 4)),
     ("06_data_parallel_training", "average_parameters", checks.check_average_parameters, (1, 2, 3, 4)),
     ("06_data_parallel_training", "assign_buckets", checks.check_assign_buckets, (1, 3, 4)),
@@ -57,6 +60,8 @@ def test_each_check_passes_the_solution(notebook, name, check, ranks):
     solution = exercise_functions(f"solution:{notebook}.ipynb")[name]
     for n in ranks:
         check(solution, n=n)
+    if not ranks:
+        check(solution)
 
 
 def exercise_functions(name):
@@ -613,6 +618,69 @@ def test_task_checks_explain_the_classic_mistakes():
         checks.check_expired_leases(lambda leases, now: [k for k, (_, _, d) in leases.items() if (d or 0) <= now], n=3)
     with pytest.raises(checks.CheckFailed, match=r"call 3, record_result\(done, 3, 'second'\) returned True, expected False"):
         checks.check_record_result(lambda done, task, result: done.__setitem__(task, result) or True, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"factoring_chunks\(100, 4, 1\) returned \[13, 11, 10, "):
+        checks.check_factoring_chunks(factoring_without_batches, n=3)
+
+
+def factoring_without_batches(n_tasks, workers, min_chunk):
+    """Wrong: a new chunk size after every chunk, not after every batch of `workers` chunks."""
+    import math
+    sizes, left = [], n_tasks
+    while left:
+        sizes.append(min(left, max(min_chunk, math.ceil(left / (2 * workers)))))
+        left -= sizes[-1]
+    return sizes
+
+
+# ---------------------------------------------------------------- chapter 05b (kernel-side checks, engines of their own)
+
+def test_ready_tasks_check_names_each_classic_mistake():
+    def ignores_running(queue, depends_on, finished, running):
+        return [t for t in queue if t not in finished and all(d in finished for d in depends_on[t])]
+
+    def any_dependency(queue, depends_on, finished, running):
+        return [t for t in queue if t not in running and t not in finished
+                and (not depends_on[t] or any(d in finished for d in depends_on[t]))]
+
+    def sorted_by_name(queue, depends_on, finished, running):
+        return sorted(t for t in queue if t not in running and t not in finished
+                      and all(d in finished for d in depends_on[t]))
+    with pytest.raises(checks.CheckFailed, match=r"running=\['clean'\]\) returned \['clean', 'plot'\], expected "
+                                                 r"\['plot'\]: 'clean' is running already"):
+        checks.check_ready_tasks(ignores_running)
+    with pytest.raises(checks.CheckFailed, match=r"returned \['train b', 'evaluate', 'plot'\], expected "
+                                                 r"\['train b', 'plot'\]: 'evaluate' needs 'train b' too"):
+        checks.check_ready_tasks(any_dependency)
+    with pytest.raises(checks.CheckFailed, match=r"the right tasks, but keep the queue's order"):
+        checks.check_ready_tasks(sorted_by_name)
+
+
+def test_ready_tasks_check_runs_the_scheduler_and_names_a_task_that_started_too_early():
+    from syncml_lib.checks.engines import _graph_run
+
+    def ignores_dependencies(queue, depends_on, finished, running):
+        return [t for t in queue if t not in running and t not in finished]
+    (problem,) = _graph_run(ignores_dependencies)
+    assert re.fullmatch(r"in a real run, task 't\d+' started at \d+ ms, before its dependency 't\d+' ended at \d+ ms",
+                        problem), problem
+
+
+def test_requeue_lost_check_names_a_lost_task_and_runs_the_scheduler():
+    with pytest.raises(checks.CheckFailed, match=r"returned \(\[\], \[\]\): task 'a' is in neither list, so it is lost"):
+        checks.check_requeue_lost(lambda lost, attempts, retries: ([], []))
+    with pytest.raises(checks.CheckFailed, match=r"'a' has been on 3 = retries \+ 1 engines that died"):
+        checks.check_requeue_lost(lambda lost, attempts, retries: ([t for t in lost if attempts[t] < retries + 2], []))
+    from syncml_lib.checks.engines import _dying_run
+    (problem,) = _dying_run(lambda lost, attempts, retries: ([t for t in lost if attempts[t] <= retries], []))
+    assert "requeue_lost dropped ['item 9']: neither run again nor given up" in problem, problem
+
+
+def test_a_kernel_side_check_gives_up_on_an_endless_loop():
+    def loops(queue, depends_on, finished, running):
+        while True:
+            pass
+    with pytest.raises(checks.CheckFailed, match=r"check_ready_tasks: gave up after 2 s; your function never returned"):
+        checks.check_ready_tasks(loops, timeout=2)
 
 
 # ---------------------------------------------------------------- issue 8: checks that check what they say

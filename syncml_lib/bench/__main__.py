@@ -1,4 +1,4 @@
-"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train|sync [options]` (or main(argv)).
+"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train|sync|engines [options]` (or main(argv)).
 
 It parses the options, puts the course's MPI settings into the environment (syncml_lib.mpienv: shared
 memory only on one machine, MPICH's progress throttle for the benchmarks that want it), and only then
@@ -70,6 +70,13 @@ def parser():
     sync.add_argument("--steps", type=int, default=200, help="steps per barrier run (default: %(default)s)")
     sync.add_argument("--rounds", type=int, default=100, help="rounds of updates per run (default: %(default)s)")
     sync.add_argument("--repeat", type=int, default=7, help="runs per measurement (default: %(default)s)")
+
+    engines = commands.add_parser("engines", help="EngineScheduler against ipyparallel's load-balanced view "
+                                  "(plain engines, no mpiexec)")
+    engines.add_argument("--engines", type=int, default=4, help="plain engines to start (default: %(default)s)")
+    engines.add_argument("--tasks", type=int, default=1000, help="empty tasks per throughput run (default: %(default)s)")
+    engines.add_argument("--repeat", type=int, default=3,
+                         help="runs per throughput and makespan measurement (default: %(default)s)")
 
     # Another benchmark: its subparser here, and a module of its own beside these with main(args).
     return parser

@@ -1,4 +1,4 @@
-"""Chapter 05's exercises: guided chunk sizes, expired leases, keeping the first result of a task.
+"""Chapter 05's exercises: guided and factoring chunk sizes, expired leases, keeping the first result of a task.
 
 Each check tries the learner's function on a table of cases, then puts it in place of the library's
 (scheduler.guided_chunk, .expired_leases, .record_result) and runs a real run_tasks with it: 40 tasks
@@ -82,18 +82,50 @@ def _judge_chunk(args, got, expected, why):
             or (None if got == expected else f"returned {got}, expected {expected}: {why}"))
 
 
-def _guided_on_rank(comm, guided_chunk):
-    problems = _table(guided_chunk, GUIDED_CASES, lambda i, args: f"guided_chunk{args}", _judge_chunk)
+def _table_then_run(comm, learner, name, cases, judge, run):
+    """On every rank: the learner's function on its table of cases; then, if every rank passed, a real
+    run_tasks with it in place of the library's scheduler.<name>."""
+    problems = _table(learner, cases, lambda i, args: f"{name}{args}", judge)
     if _anyone(comm, problems) or comm.size < 2:
         return problems
-    _, problem = _tasks_run_with(comm, "guided_chunk", guided_chunk, GUIDED_RUN)
+    _, problem = _tasks_run_with(comm, name, learner, run)
     return [problem] if problem else []
 
 
-@exercise_check(_guided_on_rank)
+@exercise_check(_table_then_run, "guided_chunk", GUIDED_CASES, _judge_chunk, GUIDED_RUN)
 def check_guided_chunk(guided_chunk):
     """guided_chunk(remaining, workers, min_chunk) must be the int max(min_chunk, ceil(remaining / workers)),
     capped at remaining."""
+
+
+# ---------------------------------------------------------------- factoring's chunks
+
+FACTORING_CASES = (  # (n_tasks, workers, min_chunk), expected, why
+    ((100, 4, 1), [13, 13, 13, 13, 6, 6, 6, 6, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1],
+     "batches of 4 chunks of ceil(remaining / 8): 100 -> 13, 48 -> 6, 24 -> 3, 12 -> 2, 4 -> 1"),
+    ((10, 3, 1), [2, 2, 2, 1, 1, 1, 1], "ceil(10 / 6) = 2 for the first batch of 3, then ceil(4 / 6) = 1"),
+    ((9, 2, 3), [3, 3, 3], "ceil(9 / 4) = 3 for a batch of 2; then ceil(3 / 4) = 1 is below min_chunk = 3"),
+    ((5, 4, 2), [2, 2, 1], "min_chunk 2, but no chunk larger than what is left: 2, 2, 1"),
+    ((0, 3, 1), [], "no tasks: no chunks"),
+)
+FACTORING_RUN = dict(schedule="factoring", chunk=1)
+
+
+def _judge_chunks(args, got, expected, why):
+    if not isinstance(got, (list, tuple)) or not all(_is_int(size) for size in got):
+        return f"returned {got!r}: return a list of ints, the chunk sizes in hand-out order"
+    got = list(got)
+    if got == expected:
+        return None
+    if sum(got) != args[0]:
+        return f"returned {got}, which adds up to {sum(got)} tasks, not {args[0]}; expected {expected}: {why}"
+    return f"returned {got}, expected {expected}: {why}"
+
+
+@exercise_check(_table_then_run, "factoring_chunks", FACTORING_CASES, _judge_chunks, FACTORING_RUN)
+def check_factoring_chunks(factoring_chunks):
+    """factoring_chunks(n_tasks, workers, min_chunk) must list the chunk sizes: batches of `workers` chunks of
+    max(min_chunk, ceil(remaining / (2 workers))), none larger than what is left."""
 
 
 # ---------------------------------------------------------------- expired leases
