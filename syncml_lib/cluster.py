@@ -173,6 +173,8 @@ def add_engines(cluster, client, n=1, timeout=30):
     Not client.wait_for_engines: once one of the cluster's engine sets has stopped entirely (the one
     engine started with it died), that call fails at once with "Engine set stopped".
     """
+    if n < 1:
+        return []
     before = set(client.ids)
     cluster.start_engines_sync(n=n)
     deadline = time.monotonic() + timeout

@@ -31,9 +31,11 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
 Cost: two messages per task through ipyparallel's controller (about a millisecond each way here); with
 one task per engine at a time an engine waits a round trip through this kernel between tasks, which
 dominates tiny tasks (per_engine=2 hides it, at the price of a task sometimes waiting behind a long one
-while another engine is free). The master's work per step is O(engines) for a map. Ctrl-C (Kernel > Interrupt) sends SIGINT to the engines running tasks, waits for them
-(5 s at most), marks the unfinished tasks cancelled and raises KeyboardInterrupt saying how far it got;
-the engines stay usable.
+while another engine is free). The master's work per step is O(engines) for a map.
+
+Ctrl-C (Kernel > Interrupt) sends SIGINT to the engines running tasks, waits for them (5 s at most),
+marks the unfinished tasks cancelled and raises KeyboardInterrupt saying how far it got; the engines
+stay usable.
 """
 import concurrent.futures
 import itertools

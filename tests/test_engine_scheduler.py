@@ -206,3 +206,12 @@ def test_an_interrupt_ends_the_run_within_seconds_and_the_engines_are_usable_aga
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineScheduler(None, **kwargs)
+
+
+def test_a_task_that_is_not_a_function_or_a_name_used_twice_is_refused_at_submit():
+    sched = EngineScheduler(None)                     # submitting talks to no engine: nothing runs yet
+    sched.submit(abs, -1, name="load")
+    with pytest.raises(ValueError, match="there is a task named 'load' already"):
+        sched.submit(abs, -2, name="load")
+    with pytest.raises(TypeError, match="a task needs a function, got int"):
+        sched.submit(3, name="three")
