@@ -36,7 +36,8 @@ import numpy as np
 from . import costmodel
 from .rpc import check_same_on_all_ranks
 
-__all__ = ["allreduce", "naive_allreduce", "tree_allreduce", "recursive_doubling_allreduce",
+__all__ = ["allreduce", "naive_allreduce", "tree_allreduce", "tree_reduce", "tree_broadcast", "hierarchical_allreduce",
+           "split_nodes", "recursive_doubling_allreduce",
            "ring_allreduce", "ring_reduce_scatter", "ring_allgather", "rabenseifner_allreduce",
            "OPS", "ALGORITHMS"]
 
@@ -125,17 +126,14 @@ def naive_allreduce(comm, x, op="sum"):
 
 # ----------------------------------------------------------------------------- binomial tree
 
-def tree_allreduce(comm, x, op="sum"):
-    """Reduce up a binomial tree to rank 0, then broadcast down the same tree.
+def tree_reduce(comm, buf, op=np.add):
+    """Binomial-tree reduce into rank 0, in place: afterwards buf on rank 0 holds op over all ranks'
+    buf (the other ranks' buf holds partial results). op is a numpy ufunc.
 
     In round k = 0, 1, ... the ranks whose bit k is set send to rank - 2^k and drop out, so after
-    ceil(log2 p) rounds rank 0 has everything; the broadcast runs the rounds backwards.
-    time = 2 ceil(log2 p) (alpha + n beta) + ceil(log2 p) n gamma.
+    ceil(log2 p) rounds rank 0 has everything: time = ceil(log2 p) (alpha + n beta + n gamma).
     """
-    buf, op = _working_copy(x, op)
     rank, p = comm.rank, comm.size
-
-    # Reduce: at distance mask = 1, 2, 4, ... a rank either receives a partial sum or sends its own.
     incoming = _receive_buffer(buf)
     mask = 1
     while mask < p:
@@ -147,18 +145,32 @@ def tree_allreduce(comm, x, op="sum"):
             op(buf, incoming, out=buf)
         mask <<= 1
 
-    # Broadcast: receive from the rank we sent to, then pass on to the ranks below us in the tree.
+
+def tree_broadcast(comm, buf):
+    """Binomial-tree broadcast of rank 0's buf, in place: tree_reduce's rounds backwards.
+    time = ceil(log2 p) (alpha + n beta)."""
+    rank, p = comm.rank, comm.size
     mask = 1
-    while mask < p:
+    while mask < p:  # receive from the rank we would have sent to in tree_reduce
         if rank & mask:
             comm.Recv(buf, source=rank - mask)
             break
         mask <<= 1
     mask >>= 1
-    while mask > 0:
+    while mask > 0:  # then pass on to the ranks below us in the tree
         if rank + mask < p:
             comm.Send(buf, dest=rank + mask)
         mask >>= 1
+
+
+def tree_allreduce(comm, x, op="sum"):
+    """Reduce up a binomial tree to rank 0, then broadcast down the same tree.
+
+    time = 2 ceil(log2 p) (alpha + n beta) + ceil(log2 p) n gamma.
+    """
+    buf, op = _working_copy(x, op)
+    tree_reduce(comm, buf, op)
+    tree_broadcast(comm, buf)
     return buf.reshape(x.shape)
 
 
@@ -339,6 +351,76 @@ def rabenseifner_allreduce(comm, x, op="sum"):
             distance *= 2
     _fold_out(comm, out)
     return out.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- hierarchical
+
+def two_per_node(p):
+    """The default grouping: ranks 0, 1 on node 0, ranks 2, 3 on node 1, ... (nodes[r] = r // 2)."""
+    return [r // 2 for r in range(p)]
+
+
+def _check_nodes(nodes, p):
+    """Raise ValueError unless nodes lists an integer node id for each of the p ranks."""
+    if not isinstance(nodes, (list, tuple)) or not all(
+            isinstance(node, (int, np.integer)) and not isinstance(node, bool) for node in nodes):
+        raise ValueError(f"hierarchical_allreduce: nodes must be a list of integer node ids, one per rank "
+                         f"(nodes[r] is rank r's node), got {nodes!r}")
+    if len(nodes) < p:
+        raise ValueError(f"hierarchical_allreduce: nodes has {len(nodes)} entries for {p} ranks: "
+                         f"rank{'s' if p - len(nodes) > 1 else ''} {', '.join(map(str, range(len(nodes), p)))} "
+                         f"{'have' if p - len(nodes) > 1 else 'has'} no node")
+    if len(nodes) > p:
+        raise ValueError(f"hierarchical_allreduce: nodes has {len(nodes)} entries for {p} ranks: "
+                         f"there is no rank {', '.join(map(str, range(p, len(nodes))))}")
+
+
+def split_nodes(comm, nodes):
+    """(node_comm, leaders_comm): comm cut into one communicator per node (comm.Split; the colour is the
+    node's place among the sorted node ids, as colours must be >= 0; ranks keep comm's order), and one
+    of the node leaders (rank 0 of each node); leaders_comm is None on the other ranks.
+    Collective; free both with .Free() when done."""
+    from mpi4py import MPI
+
+    colour = sorted(set(nodes)).index(nodes[comm.rank])
+    node_comm = comm.Split(color=colour, key=comm.rank)
+    leaders_comm = comm.Split(color=0 if node_comm.rank == 0 else MPI.UNDEFINED, key=comm.rank)
+    return node_comm, (None if leaders_comm == MPI.COMM_NULL else leaders_comm)
+
+
+def hierarchical_allreduce(comm, x, op="sum", nodes=None):
+    """Allreduce in three levels, for ranks grouped into nodes (nodes[r]: rank r's node; default two per node).
+
+    1. split: one communicator per node, and one of the node leaders (split_nodes);
+    2. reduce inside each node to its leader (binomial tree over the fast links);
+    3. ring allreduce among the leaders (the only messages that cross the slow links);
+    4. broadcast inside each node from its leader.
+
+    With N nodes of g ranks, intra-node (a_in, b_in) and inter-node (a_out, b_out) links:
+    time = 2 ceil(log2 g)(a_in + n b_in) + 2(N-1) a_out + 2 (N-1)/N n b_out (+ reductions),
+    against a flat ring on all p = N g ranks, whose every step waits for a slow link:
+    2(p-1) a_out + 2 (p-1)/p n b_out. So it saves 2(p-N) slow latencies, and the inter-node bytes
+    shrink a little (N-1)/N < (p-1)/p, at the price of log2 g fast steps (costmodel.predict_hierarchical).
+    Same input rules and errors as allreduce; nodes must be the same on every rank.
+    """
+    check_same_on_all_ranks(comm, "hierarchical_allreduce",
+                            type=type(x).__name__, shape=getattr(x, "shape", None),
+                            dtype=str(x.dtype) if isinstance(x, np.ndarray) else None,
+                            op=op if isinstance(op, str) else repr(op), nodes=repr(nodes))
+    nodes = two_per_node(comm.size) if nodes is None else nodes
+    _check_nodes(nodes, comm.size)
+    buf, ufunc = _working_copy(x, op)
+    node_comm, leaders_comm = split_nodes(comm, nodes)
+    try:
+        tree_reduce(node_comm, buf, ufunc)
+        if leaders_comm is not None:
+            buf = ring_allreduce(leaders_comm, buf, op)
+        tree_broadcast(node_comm, buf)
+    finally:
+        node_comm.Free()
+        if leaders_comm is not None:
+            leaders_comm.Free()
+    return buf.reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------- the entry point

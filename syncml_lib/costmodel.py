@@ -8,6 +8,8 @@ predict() adds up the steps on the critical path:
     fastest = choose(nbytes=8 << 20, p=4)            # what allreduce(..., algorithm="auto") runs
     alpha, beta = fit_alpha_beta(comm)               # a ping-pong between ranks 0 and 1
     t_ps = predict_ps(nbytes=8 << 20, workers=3, servers=1, alpha=5e-6, beta=1e-9)  # parameter server
+    t_h = predict_hierarchical(8 << 20, nodes=4, per_node=8, intra=NETWORKS["NVLink 3"], inter=NETWORKS["10 GbE"])
+    t_step = predict_step("ring", p=4, batch=32, seconds_per_example=2e-5, nbytes=76888, alpha=3.4e-5, beta=5.3e-10)
 """
 import math
 import time
@@ -15,7 +17,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["on_cores", "predict", "predict_ps", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
+__all__ = ["on_cores", "predict", "predict_ps", "predict_hierarchical", "predict_step", "amdahl", "NETWORKS", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
 
 # Measured on the course machine (2 cores, 4 ranks, MPICH 5 from its PyPI wheel, shared memory) with
 #     mpiexec -n 4 python -m syncml_lib.bench allreduce --fit
@@ -211,3 +213,58 @@ def measure_gamma(nbytes=8 << 20, repeat=10):
         np.add(a, b, out=a)
         times.append(time.perf_counter() - start)
     return float(np.median(times)) / a.nbytes
+
+
+# ----------------------------------------------------------------------------- past one machine (chapter 07)
+
+# Links to project onto, {alpha (s per message), beta (s per byte)}. Bandwidths are the nominal data
+# rates of the standards and datasheets: 10 GbE 10 Gb/s (IEEE 802.3ae); InfiniBand HDR 200 Gb/s per 4x
+# port (InfiniBand Trade Association); NVLink 3 300 GB/s per direction per A100 GPU (NVIDIA A100
+# datasheet: 600 GB/s total). Latencies are typical one-way MPI small-message times, an assumption of
+# the right order, not a measurement: about 1 us over InfiniBand with RDMA (the OSU osu_latency example
+# in QLogic's InfiniPath user guide prints 1.06 us at 0 bytes), tens of us through the TCP stack over
+# Ethernet (30 us assumed), a few us for a GPU-to-GPU NVLink transfer launched by NCCL (5 us assumed).
+NETWORKS = MappingProxyType({
+    "10 GbE": MappingProxyType(dict(alpha=30e-6, beta=1 / 1.25e9)),
+    "InfiniBand HDR": MappingProxyType(dict(alpha=1e-6, beta=1 / 25e9)),
+    "NVLink 3": MappingProxyType(dict(alpha=5e-6, beta=1 / 300e9)),
+})
+
+
+def predict_hierarchical(nbytes, nodes, per_node, intra, inter, gamma=0.0):
+    """Seconds for allreduce.hierarchical_allreduce: N = nodes nodes of g = per_node ranks; intra and
+    inter are dicts with alpha and beta of the links inside a node and between nodes.
+
+        2 ceil(log2 g) (a_in + n b_in) + ceil(log2 g) n gamma       tree reduce, then broadcast, inside
+        + predict("ring", n, N, a_out, b_out, gamma)                ring among the N leaders
+
+    The flat ring on all p = N g ranks for comparison is predict("ring", n, p, **inter): each of its
+    2(p-1) steps waits for the messages that cross a node boundary, so every step pays the slow link."""
+    rounds = math.ceil(math.log2(per_node)) if per_node > 1 else 0
+    inside = 2 * rounds * (intra["alpha"] + nbytes * intra["beta"]) + rounds * nbytes * gamma
+    return inside + predict("ring", nbytes, nodes, inter["alpha"], inter["beta"], gamma)
+
+
+def predict_step(mechanism, p, batch, seconds_per_example, nbytes, alpha, beta, gamma=0.0, overhead=0.0):
+    """Seconds per step of chapter 06's data-parallel training on p ranks, global batch `batch`:
+
+        compute   ceil(batch / c) * seconds_per_example    c = p ranks compute (ps: p - 1 workers)
+        exchange  predict(mechanism, nbytes, p, ...) for an allreduce algorithm, or
+                  predict_ps(nbytes, p - 1, 1, ...) for "ps" (one server)
+        + overhead (the step's fixed cost in Python: checks, bookkeeping)
+
+    The largest shard sets the pace, hence the ceil. Everything but the compute is what does not
+    shrink with p: Amdahl's serial part, which here even grows with p."""
+    if mechanism == "ps":
+        workers = p - 1
+        exchange = predict_ps(nbytes, workers, 1, alpha, beta, gamma)
+    else:
+        workers = p
+        exchange = predict(mechanism, nbytes, p, alpha, beta, gamma)
+    return math.ceil(batch / workers) * seconds_per_example + exchange + overhead
+
+
+def amdahl(p, serial_fraction):
+    """Amdahl's law: the speedup on p processors of a job whose serial_fraction cannot be parallelized,
+    1 / (s + (1 - s) / p); it never exceeds 1 / s."""
+    return 1.0 / (serial_fraction + (1.0 - serial_fraction) / p)

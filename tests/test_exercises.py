@@ -41,6 +41,9 @@ EXERCISES = [
     ("06_data_parallel_training", "weighted_average", checks.check_weighted_average, (1, 2, 3, 4)),
     ("06_data_parallel_training", "average_parameters", checks.check_average_parameters, (1, 2, 3, 4)),
     ("06_data_parallel_training", "assign_buckets", checks.check_assign_buckets, (1, 3, 4)),
+    ("07_performance_and_open_problems", "topk_with_error_feedback", checks.check_topk_error_feedback, (1, 4)),
+    ("07_performance_and_open_problems", "pairwise_masks", checks.check_pairwise_masks, (1, 2, 3, 5)),
+    ("07_performance_and_open_problems", "split_nodes", checks.check_split_nodes, (1, 3, 4, 5)),
 ]
 
 
@@ -1101,3 +1104,106 @@ def test_the_ranks_that_import_this_module_do_not_import_nbformat():
     code = "import sys, test_exercises; print(sorted(m for m in ('nbformat', 'jsonschema') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- chapter 07
+
+def topk_without_residual(update, residual, k):
+    """The mistake: top-k of the update alone, the residual ignored (no error feedback)."""
+    indices = np.argsort(-np.abs(update))[:k]
+    new_residual = update + residual
+    new_residual[indices] -= update[indices]
+    return indices, update[indices], new_residual
+
+
+def topk_residual_dropped(update, residual, k):
+    """The mistake: the unsent entries are thrown away (the residual stays 0)."""
+    corrected = update + residual
+    indices = np.argsort(-np.abs(corrected))[:k]
+    return indices, corrected[indices], np.zeros_like(update)
+
+
+def topk_smallest(update, residual, k):
+    corrected = update + residual
+    indices = np.argsort(np.abs(corrected))[:k]
+    new_residual = corrected.copy()
+    new_residual[indices] = 0
+    return indices, corrected[indices], new_residual
+
+
+@pytest.mark.parametrize("answer, message", [
+    (topk_without_residual, "(that is the update alone: add the residual first, corrected = update + residual)"),
+    (topk_residual_dropped, "loses part of the update: at index"),
+    (topk_smallest, "not the 4 largest |update + residual|"),
+])
+def test_topk_check_names_each_classic_mistake(answer, message):
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_topk_error_feedback(answer, n=2)
+    assert "rank" in str(info.value) and message in str(info.value), str(info.value)
+
+
+def masks_both_add(rank, size, seed, shape):
+    """The mistake: both ranks of a pair add the mask, so nothing cancels."""
+    from syncml_lib.secure_aggregation import pair_mask
+
+    total = np.zeros(shape, dtype=np.uint32)
+    for other in range(size):
+        if other != rank:
+            total += pair_mask(seed, min(rank, other), max(rank, other), shape)
+    return total
+
+
+def masks_own_seed_order(rank, size, seed, shape):
+    """The mistake: each rank seeds the pair (rank, other), so the two ranks of a pair use different masks."""
+    from syncml_lib.secure_aggregation import pair_mask
+
+    total = np.zeros(shape, dtype=np.uint32)
+    for other in range(size):
+        if other > rank:
+            total += pair_mask(seed, rank, other, shape)
+        elif other < rank:
+            total -= pair_mask(seed, rank, other, shape)
+    return total
+
+
+def masks_int64(rank, size, seed, shape):
+    from syncml_lib.secure_aggregation import pairwise_masks
+
+    return pairwise_masks(rank, size, seed, shape).astype(np.int64)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (masks_both_add, "the masks of all ranks must sum to 0 modulo 2^32, element 0 sums to"),
+    (masks_own_seed_order, "the masks of all ranks must sum to 0 modulo 2^32"),
+    (masks_int64, "expected a uint32 array of shape (1000,)"),
+    (lambda rank, size, seed, shape: np.zeros(shape, dtype=np.uint32), "element 0 of the mask is 0"),
+])
+def test_pairwise_masks_check_names_each_classic_mistake(answer, message):
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_pairwise_masks(answer, n=3)
+    assert message in str(info.value), str(info.value)
+
+
+def split_leaders_everywhere(comm, nodes):
+    """The mistake: every rank in the leaders' communicator."""
+    colour = sorted(set(nodes)).index(nodes[comm.rank])
+    return comm.Split(color=colour, key=comm.rank), comm.Split(color=0, key=comm.rank)
+
+
+def split_reversed(comm, nodes):
+    from mpi4py import MPI
+
+    colour = sorted(set(nodes)).index(nodes[comm.rank])
+    node_comm = comm.Split(color=colour, key=-comm.rank)
+    leaders = comm.Split(color=0 if node_comm.rank == 0 else MPI.UNDEFINED, key=comm.rank)
+    return node_comm, (leaders if node_comm.rank == 0 else None)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (split_leaders_everywhere, "so leaders_comm must be None"),
+    (split_reversed, "in comm's order (comm.Split with one colour per node, key=comm.rank)"),
+])
+def test_split_nodes_check_names_each_classic_mistake(answer, message):
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_split_nodes(answer, n=4)
+    assert message in str(info.value), str(info.value)

@@ -16,6 +16,7 @@ prints what passed; it gives up after TIMEOUT seconds (a hang) and says which ra
     scheduling.py        chapter 05: guided and factoring chunks, expired leases, the first result of a task
     engines.py           chapter 05b (in the kernel, on plain engines): ready tasks, a dead engine's tasks
     training.py          chapter 06: the weighted gradient average, local SGD's averaging, the buckets
+    performance.py       chapter 07: top-k with error feedback, the pairwise masks, the nodes' communicators
 """
 from .harness import TIMEOUT, CheckFailed, run_on_ranks
 from .tour import check_global_mean, global_mean_inputs
@@ -26,6 +27,7 @@ from .data import check_epoch_indices, check_ring_owners, check_scatter_rows
 from .scheduling import check_expired_leases, check_factoring_chunks, check_guided_chunk, check_record_result
 from .engines import check_ready_tasks, check_requeue_lost
 from .training import check_assign_buckets, check_average_parameters, check_weighted_average
+from .performance import check_pairwise_masks, check_split_nodes, check_topk_error_feedback
 
 __all__ = ["CheckFailed", "run_on_ranks", "TIMEOUT", "check_global_mean", "check_lamport_tick", "check_cas_update",
            "check_expected_wait", "check_ring_reduce_scatter",
@@ -33,4 +35,4 @@ __all__ = ["CheckFailed", "run_on_ranks", "TIMEOUT", "check_global_mean", "check
            "check_scatter_rows", "check_epoch_indices", "check_ring_owners", "check_guided_chunk", "check_factoring_chunks",
            "check_ready_tasks", "check_requeue_lost",
            "check_expired_leases", "check_record_result", "check_weighted_average", "check_average_parameters",
-           "check_assign_buckets"]
+           "check_assign_buckets", "check_topk_error_feedback", "check_pairwise_masks", "check_split_nodes"]

@@ -23,7 +23,7 @@ from ..trace import TracedComm
 from .loop import flatten, gradients_checked, stop_together, unflatten
 from .digits import shard_of
 
-__all__ = ["weighted_average", "train_data_parallel"]
+__all__ = ["weighted_average", "compressed_average", "train_data_parallel"]
 
 
 def weighted_average(comm, grads, n_local, algorithm="ring"):
@@ -37,11 +37,21 @@ def weighted_average(comm, grads, n_local, algorithm="ring"):
     return unflatten(total[:-1] / total[-1], grads)
 
 
-def train_data_parallel(comm, job, algorithm="ring"):
+def compressed_average(comm, grads, n_local, n_total, compressor):
+    """weighted_average through a compressor (compression.py): about sum_r n_r g_r / N, on every rank.
+    Each rank hands the compressor n_r g_r; N, the global batch, is known to every rank."""
+    total = compressor.sum(comm, {name: n_local * grad for name, grad in grads.items()})
+    return {name: value / n_total for name, value in total.items()}
+
+
+def train_data_parallel(comm, job, algorithm="ring", compression=None):
     """Data-parallel SGD on every rank of comm (collective); comm None: the single-process reference,
-    the whole global batch in this process and nothing to average. Returns the final parameters."""
+    the whole global batch in this process and nothing to average. Returns the final parameters.
+    compression: a compressor of compression.py (reset here) that replaces the exact average."""
     model, params, record = job.model, {name: value.copy() for name, value in job.params.items()}, job.record
     traced = None if comm is None else TracedComm(comm)  # counts the bytes our allreduce sends
+    if compression is not None:
+        compression.reset(params)
     record.start(comm)
     for step, epoch, batch, epoch_done in job.steps():
         began = time.perf_counter()
@@ -50,6 +60,9 @@ def train_data_parallel(comm, job, algorithm="ring"):
         computed = time.perf_counter()
         if comm is None:
             average = grads
+        elif compression is not None:
+            average = compressed_average(traced, grads, len(rows), len(batch), compression)
+            problem = problem or compression.problem
         else:
             average = weighted_average(traced, grads, len(rows), algorithm=algorithm)
         communicated = time.perf_counter()
