@@ -5,6 +5,11 @@
     result.params["w"]     # the final parameters, on every rank
     result.history[0]      # {'worker': 0, 'step': 0, 'read_clock': 0, 'staleness': 0,
                            #  'start': 0.0003, 'pulled': 0.0009, 'end': 0.0012}
+    result.step_times[0]   # 0.0011: when step 0 was complete on every server
+
+    result = run_parameter_server(comm, params, grad_fn, steps=100, lr=0.1, mode="bsp", backups=1)
+    result.used[0]         # [0, 2]: the workers whose step-0 gradients server 0 averaged
+    result.dropped         # [3, 0, 41]: pushes that came too late, per worker
 
 Ranks 0 .. S-1 are servers and the other W ranks are workers. Every parameter is flattened and cut
 into S contiguous slices (shard); server s holds slice s of every parameter, so one big
@@ -16,10 +21,12 @@ A server's clock is the number of complete steps it holds: every worker's update
 below the clock has been applied. The three modes differ in when a pull is answered and when a
 push is applied:
 
-    mode  a pull for step t is answered    a push is applied
-    bsp   when clock == t                  once all W step-t gradients are in: params -= lr * mean
-    ssp   when clock >= t - staleness      at once: params -= lr * grad / W
-    asp   at once                          at once: params -= lr * grad / W
+    mode           a pull for step t is answered    a push is applied
+    bsp            when clock == t                  once all W step-t gradients are in: params -= lr * mean
+    bsp, backups b when clock >= t                  once the first W-b step-t gradients are in:
+                                                    params -= lr * their mean; a later one is dropped
+    ssp            when clock >= t - staleness      at once: params -= lr * grad / W
+    asp            at once                          at once: params -= lr * grad / W
 
 So in BSP every worker computes step t on the same parameters, which hold every update before
 step t and nothing newer: the result is the sequential one, params -= lr * mean_w grad_fn(params,
@@ -31,6 +38,19 @@ its pushes are applied as they come, so a fast worker's step-t update may alread
 slower worker reads for step t: with plain SGD it ends with BSP's parameters (up to rounding) only
 when the gradients do not depend on the parameters.
 
+Backup workers (BSP with backups=b, Chen et al. 2016, "Revisiting Distributed Synchronous SGD"):
+a server completes step t as soon as W-b gradients for step t are in, and applies params -= lr *
+their mean (summed in worker order). A push for a step the server has already completed is
+acknowledged and dropped (result.dropped counts them). A worker whose pull shows clock > its step
+(the steps in between were completed without it) skips ahead to the smallest clock among its
+servers' replies and computes that step on the parameters it pulled; it has no history row for
+the steps it skipped. So a step waits only for the (W-b)-th fastest worker instead of the slowest:
+up to b stragglers cost no time. The price: a smaller effective batch (each update averages W-b
+gradients, not W) and the slow workers' computation thrown away. Which workers make a step
+depends on timing (result.used: server 0's choice per step), so the run is no longer the
+sequential one, nor reproducible; with several servers, each server takes the first W-b pushes it
+gets, which need not come from the same workers for every slice. backups=0 is plain BSP.
+
 Momentum is per push in SSP and ASP: each push is its own momentum step, velocity = m velocity +
 grad_w, then params -= (lr / W) velocity. So the velocity decays W times per step instead of once:
 not BSP's momentum (velocity = m velocity + mean grad, params -= lr velocity), even with staleness
@@ -40,8 +60,10 @@ same update per step, lr g / (1 - m), by different paths.
 Cost per step through each server, with N bytes of parameters: it receives W gradient slices of
 N/S bytes and sends W parameter slices of N/S bytes, 2 W N / S bytes in all, plus 4 small control
 messages per worker (a request and a reply for the pull and for the push). More servers divide
-the load; each worker still moves 2 N bytes per step. (A ring allreduce moves 2 (p-1)/p N bytes
-per rank, with no central rank.) Parameters travel with buffer-based messages through rpc.py.
+the load; each worker still moves 2 N bytes per step (with backups, a slow worker that skips
+steps moves less, and its dropped pushes travel all the same). (A ring allreduce moves 2 (p-1)/p
+N bytes per rank, with no central rank.) Parameters travel with buffer-based messages through
+rpc.py.
 """
 import math
 import os
@@ -239,7 +261,7 @@ def _load_checkpoint(directory, server, n_servers, clock, store):
 class _Server:
     """One server rank: its slice of every parameter, and the rules of the mode for pulls and pushes."""
 
-    def __init__(self, comm, store, workers, mode, staleness, clock, checkpoint):
+    def __init__(self, comm, store, workers, mode, staleness, clock, checkpoint, backups=0):
         self.comm, self.store, self.mode = comm, store, mode
         self.names = list(store.specs)
         self.worker_of = {rank: w for w, rank in enumerate(workers)}
@@ -248,6 +270,10 @@ class _Server:
         self.clock = clock  # every worker's update for every step below it has been applied
         self.pushed = [clock] * self.n_workers  # ssp, asp: steps each worker has pushed
         self.pending = {}  # bsp: worker -> its gradient slices for step `clock`
+        self.needed = self.n_workers - backups  # bsp: the gradients that complete a step
+        self.dropped = [0] * self.n_workers  # bsp with backups: late pushes dropped, per worker
+        self.used = []  # bsp: for each step completed here, the workers whose gradients made it
+        self.tick_times = []  # time.perf_counter() when each step completed here
         self.waiting = []  # (rank, step) of the pulls held back
         self.bytes_received = self.bytes_sent = 0
         self.checkpoint = checkpoint  # clock -> None: saves a checkpoint when due
@@ -274,7 +300,9 @@ class _Server:
         grads = dict(zip(self.names, arrays))
         check_gradients(grads, self.store.specs)
         expected = self.clock if self.mode == "bsp" else self.pushed[worker]
-        if step != expected:
+        # with backups, a step may have been completed without this worker: its push is late
+        late = self.mode == "bsp" and self.needed < self.n_workers and step < self.clock
+        if step != expected and not late:
             raise ValueError(f"worker {worker} pushed step {step}, expected step {expected}")
         self.bytes_received += sum(a.nbytes for a in arrays)
         # All checked: acknowledge before applying, so the worker goes on to its next server while
@@ -283,12 +311,15 @@ class _Server:
         # its one reply: if applying it fails (a checkpoint that cannot be written), rpc.serve ends
         # the run on every rank with the error, and answers nothing twice.
         rpc.reply(self.comm, source)
-        if self.mode == "bsp":
+        if late:
+            self.dropped[worker] += 1
+        elif self.mode == "bsp":
             self.pending[worker] = grads
-            if len(self.pending) == self.n_workers:
-                mean = {name: sum(self.pending[w][name] for w in range(self.n_workers)) / self.n_workers
-                        for name in self.names}
+            if len(self.pending) == self.needed:  # all W of them, or the first W - backups
+                used = sorted(self.pending)  # summed in worker order: reproducible for a given set
+                mean = {name: sum(self.pending[w][name] for w in used) / len(used) for name in self.names}
                 self.store.push(mean)
+                self.used.append(used)
                 self.pending = {}
                 self._tick()
         else:
@@ -301,6 +332,7 @@ class _Server:
     def _tick(self):
         """One more step is complete: checkpoint if due, and answer the pulls that may go now."""
         self.clock += 1
+        self.tick_times.append(time.perf_counter())
         self.checkpoint(self.clock)
         still_waiting = []
         for source, step in self.waiting:
@@ -312,7 +344,7 @@ class _Server:
 
 
 def _start_server(me, init_params, n_servers, lr, mode, staleness, optimizer, momentum, start,
-                  checkpoint_dir, checkpoint_every, comm):
+                  checkpoint_dir, checkpoint_every, comm, backups=0):
     """This server's store (its slice of every parameter, resumed from the checkpoint at `start` if
     any) and its _Server. Returns (server, problem): problem is a message if it cannot resume."""
     # BSP applies lr * mean of W gradients; SSP and ASP apply each gradient alone, lr * grad / W,
@@ -331,17 +363,21 @@ def _start_server(me, init_params, n_servers, lr, mode, staleness, optimizer, mo
         if checkpoint_every and clock % checkpoint_every == 0:
             _save_checkpoint(checkpoint_dir, me.index, n_servers, clock, store)
 
-    return _Server(comm, store, me.workers, mode, staleness, start, checkpoint), problem
+    return _Server(comm, store, me.workers, mode, staleness, start, checkpoint, backups), problem
 
 
 # ----------------------------------------------------------------------------- the worker
 
 def _work(run, worker, servers, specs, grad_fn, start, steps, t0):
     """One worker's loop over the steps; returns its history rows. If its own code fails, the run
-    ends on every rank with "worker 1 failed at step 3: ..." (run.fail)."""
+    ends on every rank with "worker 1 failed at step 3: ..." (run.fail).
+
+    With backups (BSP), the servers may complete steps without this worker: when its pull shows
+    that, it skips ahead to the smallest clock among the replies (the first step some server still
+    waits for), or stops if every step is complete; it has no history row for the steps skipped."""
     comm, history, step = run.comm, [], start
     try:
-        for step in range(start, steps):
+        while step < steps:
             began = time.perf_counter() - t0
             pieces, clocks = [], []
             for server in servers:
@@ -351,6 +387,11 @@ def _work(run, worker, servers, specs, grad_fn, start, steps, t0):
             params = {name: np.concatenate([piece[i] for piece in pieces]).reshape(shape)
                       for i, (name, (shape, _)) in enumerate(specs.items())}
             pulled = time.perf_counter() - t0
+            read_clock = min(clocks)
+            if read_clock > step:  # only with backups: steps step .. read_clock - 1 were done without us
+                step = read_clock
+                if step >= steps:
+                    break
 
             grads = grad_fn(params, worker, step)
             check_gradients(grads, specs)
@@ -358,12 +399,12 @@ def _work(run, worker, servers, specs, grad_fn, start, steps, t0):
             if missing:
                 raise ValueError(f"grad_fn returned no gradient for {', '.join(map(repr, missing))}")
             slices = {name: shard(np.asarray(grads[name]).reshape(-1), len(servers)) for name in specs}
-            for s, server in enumerate(servers):
+            for s, server in enumerate(servers):  # a server that completed `step` meanwhile drops it
                 rpc.call(comm, server, "push", {"step": step}, [slices[name][s] for name in specs])
 
-            read_clock = min(clocks)
             history.append(dict(worker=worker, step=step, read_clock=read_clock, staleness=step - read_clock,
                                 start=began, pulled=pulled, end=time.perf_counter() - t0))
+            step += 1
     except RunAborted:
         raise
     except BaseException as error:
@@ -385,14 +426,24 @@ class ParameterServerResult:
     seconds since a common origin. server_bytes: one dict per server, bytes of parameter and
     gradient payload it sent and received. start_step: the step the run started at (0, or the
     checkpoint it resumed from).
+
+    step_times: for each step from start_step on, when it was complete on every server (the
+    latest of the servers' times, on the history's clock). dropped: per worker, the pushes the
+    servers dropped because their step was already complete (summed over the servers; all 0
+    without backups). used: in BSP, for each step from start_step on, the sorted workers whose
+    gradients server 0 averaged (all of them without backups); None in SSP and ASP. With backups
+    a worker has no history row for the steps it skipped.
     """
     params: dict
     history: list
     server_bytes: list
     start_step: int
+    step_times: list
+    dropped: list
+    used: list
 
 
-def _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, resume):
+def _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, resume, backups=0):
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     if mode not in MODES:
@@ -401,6 +452,10 @@ def _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, r
         raise ValueError(f"staleness must be a non-negative integer, got {staleness!r}")
     if staleness and mode != "ssp":
         raise ValueError(f"staleness={staleness} only applies to mode='ssp', not {mode!r}")
+    if not isinstance(backups, int) or isinstance(backups, bool) or backups < 0:
+        raise ValueError(f"backups must be a non-negative integer, got {backups!r}")
+    if backups and mode != "bsp":
+        raise ValueError(f"backups={backups} only applies to mode='bsp' (backup workers), not {mode!r}")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     if checkpoint_dir is None and (checkpoint_every is not None or resume):
@@ -424,7 +479,7 @@ def _start_step(comm, me, checkpoint_dir, resume):
 
 def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", staleness=0, n_servers=1,
                          optimizer="sgd", momentum=0.9, checkpoint_dir=None, checkpoint_every=None,
-                         resume=False):
+                         resume=False, backups=0):
     """Train with a parameter server on all ranks of comm (collective); return a ParameterServerResult.
 
     init_params: name -> floating-point array, the same on every rank (the servers take their
@@ -432,6 +487,10 @@ def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", s
     its shape and dtype; worker counts from 0 among the workers. mode is "bsp", "ssp" (with
     `staleness`) or "asp"; optimizer "sgd" or "momentum" (with `momentum`). Ranks 0 .. n_servers-1
     serve; ValueError on every rank if that leaves no worker.
+
+    backups (BSP only, 0 to W-1): a step is applied as soon as W - backups workers' gradients for it
+    are in, averaging those; later pushes for it are dropped and a worker that falls behind skips
+    ahead (see the module docstring, result.used and result.dropped).
 
     Checkpoints: with checkpoint_dir and checkpoint_every=k, each server saves its slices,
     velocities and clock whenever its clock reaches a multiple of k, keeping its 2 newest. `steps`
@@ -455,16 +514,22 @@ def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", s
                 run.comm, "run_parameter_server", names=tuple(specs), shapes=tuple(s for s, _ in specs.values()),
                 dtypes=tuple(str(d) for _, d in specs.values()), steps=steps, lr=lr, mode=mode,
                 staleness=staleness, n_servers=n_servers, optimizer=optimizer, momentum=momentum,
-                checkpoint_dir=str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume)
-            _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, resume)
+                checkpoint_dir=str(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume,
+                backups=backups)
+            _check_arguments(steps, mode, staleness, checkpoint_dir, checkpoint_every, resume, backups)
             _check_optimizer(optimizer, momentum)
             _check_floating(init_params)
             me = rpc.roles(run.comm, n_servers)
+            if backups >= len(me.workers):
+                n = len(me.workers)
+                raise ValueError(f"backups={backups} with {n} worker{'s' if n > 1 else ''}: a step needs the "
+                                 f"gradient of at least one worker, so backups must be at most {n - 1}")
             start = _start_step(run.comm, me, checkpoint_dir, resume)
             problem = None
             if me.is_server:
                 server, problem = _start_server(me, init_params, n_servers, lr, mode, staleness, optimizer,
-                                                momentum, start, checkpoint_dir, checkpoint_every, run.comm)
+                                                momentum, start, checkpoint_dir, checkpoint_every, run.comm,
+                                                backups)
             problems = [p for p in run.comm.allgather(problem) if p]  # also lines up the ranks for t0
             if problems:
                 raise ValueError(problems[0])
@@ -473,7 +538,9 @@ def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", s
         if me.is_server:
             rpc.serve(run.comm, server.handlers(), clients=me.workers)
             mine = {"slices": list(server.store.pull().values()),
-                    "bytes": {"sent": server.bytes_sent, "received": server.bytes_received}}
+                    "bytes": {"sent": server.bytes_sent, "received": server.bytes_received},
+                    "step_times": [t - t0 for t in server.tick_times], "dropped": server.dropped,
+                    "used": server.used if mode == "bsp" else None}
         else:
             mine = {"history": _work(run, me.index, me.servers, specs, grad_fn, start, steps, t0)}
         everyone = run.allgather(mine)
@@ -482,4 +549,7 @@ def run_parameter_server(comm, init_params, grad_fn, *, steps, lr, mode="bsp", s
     params = {name: np.concatenate([server["slices"][i] for server in servers]).reshape(shape)
               for i, (name, (shape, _)) in enumerate(specs.items())}
     history = [row for worker in workers for row in worker["history"]]
-    return ParameterServerResult(params, history, [server["bytes"] for server in servers], start)
+    step_times = [max(times) for times in zip(*(server["step_times"] for server in servers))]
+    dropped = [sum(counts) for counts in zip(*(server["dropped"] for server in servers))]
+    return ParameterServerResult(params, history, [server["bytes"] for server in servers], start,
+                                 step_times, dropped, servers[0]["used"])

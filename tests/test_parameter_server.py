@@ -112,7 +112,8 @@ def sleepy(params, worker, step):
 
 def slim(result):
     return {"params": result.params, "history": result.history, "server_bytes": result.server_bytes,
-            "start_step": result.start_step}
+            "start_step": result.start_step, "step_times": result.step_times, "dropped": result.dropped,
+            "used": result.used}
 
 
 # ----------------------------------------------------------------------------- ParameterStore, in process
@@ -295,6 +296,121 @@ def test_staleness_is_bounded_in_ssp_and_shows_in_asp(p, n_servers, flags):
     asp = found[n_servers, "asp straggler"]
     check_history(asp, n_workers, 6)
     assert [r["staleness"] for r in asp["history"] if r["worker"] == 1] == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("p, n_servers", RANKS_AND_SERVERS)
+def test_without_backups_every_step_uses_every_worker_and_its_time_is_kept(p, n_servers, flags):
+    n_workers = p - n_servers
+    found = modes(p, flags)[0]
+    for name, steps in (("bsp", 6), ("ssp0", 6), ("asp", 20)):
+        result = found[n_servers, name]
+        assert result["dropped"] == [0] * n_workers, name
+        assert result["used"] == ([list(range(n_workers))] * steps if name == "bsp" else None), name
+        times = result["step_times"]
+        assert len(times) == steps and all(a < b for a, b in zip(times, times[1:])), name
+
+
+# ----------------------------------------------------------------------------- backup workers, over MPI
+
+TARGETS = np.arange(12.0).reshape(4, 3)  # worker w pulls the parameters towards TARGETS[w]
+
+
+def towards_target(params, worker, step):
+    """grad = params - target of the worker: the update depends on which workers are averaged."""
+    return {"w": params["w"] - TARGETS[worker]}
+
+
+def backups_job(comm, flags):
+    """BSP with one backup worker: the last worker sleeps 0.2 s at every step, and also waits until
+    every other worker has started the next step (so the step it computes has certainly been
+    completed without it), except at the last step, where only the 0.2 s make it late."""
+    from syncml_lib.parameter_server import run_parameter_server as ps
+
+    found, steps = {}, 30
+    for n_servers in (1, 2):
+        n_workers = comm.size - n_servers
+        slow = n_workers - 1
+        flag = Path(flags) / f"s{n_servers}"
+
+        def grad(params, worker, step):
+            if worker == slow:
+                time.sleep(0.2)
+                if step + 1 < steps:
+                    for other in range(slow):
+                        wait_for(flag.with_suffix(f".w{other}.t{step + 1}"))
+            else:
+                flag.with_suffix(f".w{worker}.t{step}").touch()
+                time.sleep(0.01)
+            return towards_target(params, worker, step)
+
+        found[n_servers] = slim(ps(comm, {"w": np.zeros(3)}, grad, steps=steps, lr=0.2, n_servers=n_servers,
+                                   backups=1))
+
+    def error_of(**options):
+        try:
+            ps(comm, {"w": np.zeros(3)}, towards_target, steps=3, lr=0.1, **options)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    found["errors"] = {"ssp": error_of(mode="ssp", staleness=1, backups=1), "asp": error_of(mode="asp", backups=1),
+                       "too many": error_of(backups=comm.size - 1), "negative": error_of(backups=-1),
+                       "not an int": error_of(backups=1.0),
+                       "differs": error_of(backups=1 if comm.rank == 0 else 0)}
+    found["afterwards"] = ps(comm, {"w": np.zeros(3)}, towards_target, steps=4, lr=0.2, backups=0).params
+    return found
+
+
+def with_subsets(init, used, lr):
+    """The sequential reference of a BSP run with backups: at step t, the mean over the workers in
+    used[t] (summed in worker order, as a server does), all computed on the parameters after step t-1."""
+    w = np.array(init, dtype=float)
+    for t, workers in enumerate(used):
+        grads = [towards_target({"w": w.copy()}, worker, t)["w"] for worker in workers]
+        w = w - lr * (sum(grads) / len(grads))
+    return w
+
+
+@pytest.fixture(scope="module")
+def backups(tmp_path_factory):
+    return run(backups_job, 4, str(tmp_path_factory.mktemp("backup-flags")), timeout=60)
+
+
+@pytest.mark.parametrize("n_servers", [1, 2])
+def test_backup_workers_leave_the_slow_one_out_and_equal_the_reference_on_the_subsets(n_servers, backups):
+    n_workers, steps = 4 - n_servers, 30
+    slow = n_workers - 1
+    result = backups[0][n_servers]
+    assert result["used"] == [list(range(slow))] * steps          # W - 1 workers a step, never the slow one
+    assert_close(result["params"], {"w": with_subsets(np.zeros(3), result["used"], 0.2)})
+    assert result["dropped"][slow] > 0 and result["dropped"][:slow] == [0] * slow
+    times = result["step_times"]
+    assert len(times) == steps and all(a < b for a, b in zip(times, times[1:]))
+    # the fast workers have a row for every step; the slow one for the few it computed, and no others
+    rows = result["history"]
+    for worker in range(slow):
+        assert [r["step"] for r in rows if r["worker"] == worker] == list(range(steps))
+    computed = [r["step"] for r in rows if r["worker"] == slow]
+    assert computed[0] == 0 and computed == sorted(set(computed)) and len(computed) < steps / 2, computed
+    # it computed each of them on the parameters of that step, and every one of its pushes came too late
+    assert all(r["read_clock"] == r["step"] and r["staleness"] == 0 for r in rows)
+    assert result["dropped"][slow] == len(computed) * n_servers
+    for on_rank in backups:  # the run ended on every rank, with the same result
+        assert np.array_equal(on_rank[n_servers]["params"]["w"], result["params"]["w"])
+        assert on_rank[n_servers]["used"] == result["used"]
+
+
+def test_bad_backups_raise_value_error_on_every_rank(backups):
+    for on_rank in backups:
+        errors = on_rank["errors"]
+        assert errors["ssp"] == "backups=1 only applies to mode='bsp' (backup workers), not 'ssp'"
+        assert errors["asp"] == "backups=1 only applies to mode='bsp' (backup workers), not 'asp'"
+        assert errors["too many"] == ("backups=3 with 3 workers: a step needs the gradient of at least one "
+                                      "worker, so backups must be at most 2")
+        assert errors["negative"] == "backups must be a non-negative integer, got -1"
+        assert errors["not an int"] == "backups must be a non-negative integer, got 1.0"
+        assert "backups differ across ranks: 1 on rank 0; 0 on ranks 1, 2, 3" in errors["differs"]
+        assert_close(on_rank["afterwards"], {"w": with_subsets(np.zeros(3), [[0, 1, 2]] * 4, 0.2)})
 
 
 # ----------------------------------------------------------------------------- failures, over MPI

@@ -270,6 +270,92 @@ def test_every_variant_reaches_95_percent_and_ssp_asp_stay_near_bsp():
         assert abs(accuracies[f"ps {mode}"][-1] - accuracies["ps bsp"][-1]) <= 0.02, accuracies
 
 
+# ----------------------------------------------------------------------------- backup workers
+
+BACKUPS = dict(model="mlp", epochs=2, batch_size=32, lr=0.2)  # 44 steps an epoch, 88 in all
+SLOW = 0.03  # seconds worker 0 (rank 1) sleeps before each gradient
+
+
+def ps_with_a_slow_worker(comm):
+    """The PS trainer (1 server, 3 workers) with one backup worker and without, worker 0 slowed down
+    on its rank only (the trainer calls gradients_checked by module attribute); and train's errors
+    for bad backups."""
+    import time
+
+    from syncml_lib.training import ps, train
+
+    original = ps.gradients_checked
+
+    def slowed(*args, **kwargs):
+        time.sleep(SLOW)
+        return original(*args, **kwargs)
+
+    if comm.rank == 1:
+        ps.gradients_checked = slowed
+    try:
+        results = {backups: train(comm, "ps", backups=backups, **BACKUPS) for backups in (1, 0)}
+    finally:
+        ps.gradients_checked = original
+
+    def error_of(**options):
+        try:
+            train(comm, "ps", **BACKUPS, **options)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    found = {backups: {"history": r.history, "evaluations": r.evaluations, "accuracy": r.test_accuracy,
+                       "steps_per_epoch": r.steps_per_epoch} for backups, r in results.items()}
+    found["errors"] = {"ssp": error_of(mode="ssp", backups=1), "too many": error_of(backups=3),
+                       "negative": error_of(backups=-1), "not an int": error_of(backups=0.5)}
+    return found
+
+
+@pytest.fixture(scope="module")
+def slow_worker_runs():
+    return run(ps_with_a_slow_worker, 4, timeout=60)
+
+
+def test_ps_with_a_backup_worker_leaves_the_slow_one_behind_and_still_learns(slow_worker_runs):
+    reports = slow_worker_runs
+    steps_per_epoch = reports[0][1]["steps_per_epoch"]
+    steps = BACKUPS["epochs"] * steps_per_epoch
+    for backups in (1, 0):
+        for rank, report in enumerate(reports):
+            result = report[backups]
+            assert result["accuracy"] >= 0.85, (backups, result["accuracy"])
+            history = result["history"]
+            assert [row["step"] for row in history] == list(range(steps)), (backups, rank)
+            assert all(np.isfinite(row["loss"]) for row in history)
+            evaluations = result["evaluations"]  # one per epoch: at the first step worker 0 computed in the next
+            assert [e["epoch"] for e in evaluations] == [0, 1] and evaluations[1]["step"] == steps
+            assert steps_per_epoch <= evaluations[0]["step"] <= steps
+            assert evaluations == reports[0][backups]["evaluations"]
+            if backups == 0:
+                assert evaluations[0]["step"] == steps_per_epoch
+                assert rank == 0 or all(row["examples"] > 0 for row in history)
+        # worker 0 (rank 1) skipped steps: empty rows; the fast workers computed every step
+        skipped = [row for row in reports[1][backups]["history"] if row["examples"] == 0]
+        assert (len(skipped) > 0) == (backups == 1)
+        assert all(row["bytes_sent"] == 0 and row["compute"] == 0.0 for row in skipped)
+        assert all(row["examples"] > 0 for rank in (2, 3) for row in reports[rank][backups]["history"])
+    # the steps no longer wait for the slow worker (the server's rows: when each step was complete)
+    with_backup, without = (np.array([row["time"] for row in reports[0][b]["history"]]) for b in (1, 0))
+    assert with_backup[-1] < without[-1]
+    assert np.median(np.diff(with_backup)) < np.median(np.diff(without)) / 2
+    assert np.median(np.diff(without)) >= SLOW * 0.9
+
+
+def test_ps_refuses_bad_backups_on_every_rank(slow_worker_runs):
+    for report in slow_worker_runs:
+        errors = report["errors"]
+        assert errors["ssp"] == "train: backups=1 only applies to mode='bsp' (backup workers), not 'ssp'"
+        assert errors["too many"] == ("train: backups=3 with 3 workers: a step needs the gradient of at least "
+                                      "one worker, so backups must be at most 2")
+        assert errors["negative"] == "train: backups must be a non-negative integer, got -1"
+        assert errors["not an int"] == "train: backups must be a non-negative integer, got 0.5"
+
+
 # ----------------------------------------------------------------------------- bad input: the same error on every rank
 
 def bad_runs(comm):

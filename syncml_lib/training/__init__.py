@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from ..allreduce import ALGORITHMS
+from ..compression import get_compressor
 from ..parameter_server import MODES
 from ..rpc import RunAborted, check_same_on_all_ranks, swallow_interrupts
 from . import bucketing, data_parallel, local_sgd, ps
@@ -45,8 +46,8 @@ __all__ = ["train", "TrainResult", "MECHANISMS", "time_to_accuracy", "weighted_a
 # mechanism -> its options and their defaults (staleness None: 2 in SSP, else 0)
 MECHANISMS = {
     "sequential": {},
-    "allreduce": {"algorithm": "ring"},
-    "ps": {"mode": "bsp", "staleness": None, "n_servers": 1},
+    "allreduce": {"algorithm": "ring", "compression": None},
+    "ps": {"mode": "bsp", "staleness": None, "n_servers": 1, "backups": 0},
     "local_sgd": {"H": 4, "algorithm": "ring"},
     "bucketed": {"bucket_bytes": 32 << 10, "overlap": True},
 }
@@ -126,6 +127,18 @@ def _check_arguments(comm, mechanism, epochs, batch_size, lr, options, n_train):
             raise ValueError(f"train: unknown mode {options['mode']!r}; valid modes are {', '.join(MODES)}")
         if not _is_int(options["n_servers"], 1):
             raise ValueError(f"train: n_servers must be a positive integer, got {options['n_servers']!r}")
+        backups, n_workers = options["backups"], comm.size - options["n_servers"]
+        if not _is_int(backups, 0):
+            raise ValueError(f"train: backups must be a non-negative integer, got {backups!r}")
+        if backups and options["mode"] != "bsp":
+            raise ValueError(f"train: backups={backups} only applies to mode='bsp' (backup workers), "
+                             f"not {options['mode']!r}")
+        if backups and backups >= n_workers >= 1:
+            raise ValueError(f"train: backups={backups} with {n_workers} worker{'s' if n_workers > 1 else ''}: "
+                             f"a step needs the gradient of at least one worker, so backups must be at most "
+                             f"{n_workers - 1}")
+    if mechanism == "allreduce":
+        get_compressor(options["compression"])  # ValueError for an unknown one
     if mechanism == "local_sgd" and not _is_int(options["H"], 1):
         raise ValueError(f"train: H must be a positive integer, got {options['H']!r}")
     if mechanism == "bucketed":
@@ -142,10 +155,12 @@ def _check_arguments(comm, mechanism, epochs, batch_size, lr, options, n_train):
 def _train_together(comm, mechanism, job, options):
     """Run a collective mechanism's trainer; return the final parameters."""
     if mechanism == "ps":  # run_parameter_server ends the run on every rank itself, on an error or Ctrl-C
-        return ps.train_ps(comm, job, options["mode"], options["staleness"], options["n_servers"])
+        return ps.train_ps(comm, job, options["mode"], options["staleness"], options["n_servers"],
+                           options["backups"])
     with interrupts_noted() as job.interrupts:  # a Ctrl-C stops every rank at the same step (loop.py)
         if mechanism == "allreduce":
-            return data_parallel.train_data_parallel(comm, job, options["algorithm"])
+            return data_parallel.train_data_parallel(comm, job, options["algorithm"],
+                                                     get_compressor(options["compression"]))
         if mechanism == "local_sgd":
             return local_sgd.train_local_sgd(comm, job, options["H"], options["algorithm"])
         return bucketing.train_bucketed(comm, job, options["bucket_bytes"], options["overlap"])
@@ -156,7 +171,9 @@ def train(comm, mechanism, *, model="mlp", epochs, batch_size, lr, seed=0, check
     of comm (collective; comm may be None for "sequential"); return a TrainResult.
 
     Options by mechanism (defaults in MECHANISMS): allreduce: algorithm (any of allreduce.ALGORITHMS, or
-    "auto"); ps: mode ("bsp", "ssp", "asp"), staleness (SSP: 2), n_servers; local_sgd: H, algorithm;
+    "auto"), compression (None, or a compressor of compression.py: TopK(0.01), Int8(), Sign(), LowRank(2),
+    or one's name); ps: mode ("bsp", "ssp", "asp"), staleness (SSP: 2), n_servers, backups (BSP: a step
+    waits for the first W - backups workers' gradients only); local_sgd: H, algorithm;
     bucketed: bucket_bytes (0: a bucket per layer, None: one bucket), overlap. Plain SGD with a
     constant lr; `epochs` passes over the training set in global batches of batch_size.
 
