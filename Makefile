@@ -64,7 +64,7 @@ exercises: install
 doctor: install
 	$(BIN)/python -m syncml_lib doctor
 
-## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks, BENCH=train or BENCH=sync;
+## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks, BENCH=train, BENCH=sync or BENCH=scaling;
 ## BENCH=engines (against ipyparallel's load-balanced view) starts its own plain engines, without mpiexec
 BENCH ?= allreduce
 bench: install

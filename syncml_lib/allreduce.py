@@ -37,7 +37,7 @@ from . import costmodel
 from .rpc import check_same_on_all_ranks
 
 __all__ = ["allreduce", "naive_allreduce", "tree_allreduce", "tree_reduce", "tree_broadcast", "hierarchical_allreduce",
-           "split_nodes", "recursive_doubling_allreduce",
+           "split_nodes", "allreduce_in_levels", "recursive_doubling_allreduce",
            "ring_allreduce", "ring_reduce_scatter", "ring_allgather", "rabenseifner_allreduce",
            "OPS", "ALGORITHMS"]
 
@@ -409,17 +409,24 @@ def hierarchical_allreduce(comm, x, op="sum", nodes=None):
                             op=op if isinstance(op, str) else repr(op), nodes=repr(nodes))
     nodes = two_per_node(comm.size) if nodes is None else nodes
     _check_nodes(nodes, comm.size)
-    buf, ufunc = _working_copy(x, op)
+    _check(x, op)
     node_comm, leaders_comm = split_nodes(comm, nodes)
     try:
-        tree_reduce(node_comm, buf, ufunc)
-        if leaders_comm is not None:
-            buf = ring_allreduce(leaders_comm, buf, op)
-        tree_broadcast(node_comm, buf)
+        return allreduce_in_levels(node_comm, leaders_comm, x, op)
     finally:
         node_comm.Free()
         if leaders_comm is not None:
             leaders_comm.Free()
+
+
+def allreduce_in_levels(node_comm, leaders_comm, x, op="sum"):
+    """Steps 2-4 of hierarchical_allreduce on communicators split_nodes made: keep them and call this
+    to save the two comm.Split calls (collective) of every hierarchical_allreduce. No input checks."""
+    buf, ufunc = _working_copy(x, op)
+    tree_reduce(node_comm, buf, ufunc)
+    if leaders_comm is not None:
+        buf = ring_allreduce(leaders_comm, buf, op)
+    tree_broadcast(node_comm, buf)
     return buf.reshape(x.shape)
 
 

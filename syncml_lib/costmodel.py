@@ -54,7 +54,7 @@ def predict(algorithm, nbytes, p, alpha, beta, gamma=0.0):
     where fold = 2(alpha + n beta) + n gamma if p is not a power of two (the extra ranks hand their
     data to a partner and get the result back), else 0.
     """
-    n, a, b, g = nbytes, alpha, beta, gamma
+    n, a, b, g, p = nbytes, alpha, beta, gamma, int(p)
     if p == 1:
         return 0.0
     if algorithm == "naive":
@@ -245,23 +245,27 @@ def predict_hierarchical(nbytes, nodes, per_node, intra, inter, gamma=0.0):
     return inside + predict("ring", nbytes, nodes, inter["alpha"], inter["beta"], gamma)
 
 
-def predict_step(mechanism, p, batch, seconds_per_example, nbytes, alpha, beta, gamma=0.0, overhead=0.0):
+def predict_step(mechanism, p, batch, seconds_per_example, nbytes, alpha, beta, gamma=0.0, overhead=0.0,
+                 cores=None):
     """Seconds per step of chapter 06's data-parallel training on p ranks, global batch `batch`:
 
         compute   ceil(batch / c) * seconds_per_example    c = p ranks compute (ps: p - 1 workers)
+                  * max(1, p / cores) with `cores` given    (p ranks sharing fewer cores)
         exchange  predict(mechanism, nbytes, p, ...) for an allreduce algorithm, or
                   predict_ps(nbytes, p - 1, 1, ...) for "ps" (one server)
         + overhead (the step's fixed cost in Python: checks, bookkeeping)
 
     The largest shard sets the pace, hence the ceil. Everything but the compute is what does not
-    shrink with p: Amdahl's serial part, which here even grows with p."""
+    shrink with p: Amdahl's serial part, which here even grows with p. With `cores`, pass alpha,
+    beta and gamma through on_cores(params, p, cores) too."""
     if mechanism == "ps":
         workers = p - 1
         exchange = predict_ps(nbytes, workers, 1, alpha, beta, gamma)
     else:
         workers = p
         exchange = predict(mechanism, nbytes, p, alpha, beta, gamma)
-    return math.ceil(batch / workers) * seconds_per_example + exchange + overhead
+    shared = max(1.0, p / cores) if cores else 1.0
+    return math.ceil(batch / workers) * seconds_per_example * shared + exchange + overhead
 
 
 def amdahl(p, serial_fraction):

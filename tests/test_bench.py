@@ -136,7 +136,7 @@ def test_the_train_benchmark_prints_a_row_per_mechanism_and_per_bucket_layout():
 
 
 @pytest.mark.parametrize("command, n, at_least", [("allreduce", 1, 2), ("ps", 1, 3), ("ps", 2, 3), ("data", 1, 2),
-                                                  ("tasks", 1, 2), ("train", 1, 2)])
+                                                  ("tasks", 1, 2), ("train", 1, 2), ("scaling", 1, 2)])
 def test_a_benchmark_refuses_a_rank_count_where_nothing_can_run(command, n, at_least):
     proc = bench(n, command, check=False)
     assert proc.returncode != 0, proc.stdout + proc.stderr
@@ -223,3 +223,24 @@ def test_the_engines_benchmark_prints_its_three_tables_and_no_makespan_beats_the
 def test_the_engines_benchmark_refuses_to_run_under_mpiexec():
     result = bench(2, "engines", check=False)
     assert result.returncode != 0 and "run it without mpiexec" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_scaling_benchmark_prints_its_three_tables(n):
+    out = bench(n, "scaling", "--epochs", "1", "--sizes", "8", "64K", "--repeat", "3").stdout
+    from syncml_lib.bench.scaling import COMPRESSORS
+
+    assert out.count("the median step of the slowest rank on the first p ranks") == 2, out  # the two models
+    for p in range(1, n + 1):
+        rows = rows_of(out, str(p))
+        assert len(rows) == 2 and all(len(row.split("|")) == 6 for row in rows), out  # strong and weak, each model
+        assert all(f"| {60 * p:>11} |" in row for row in rows), rows                  # weak: 60 examples per rank
+    for size in ("8 B", "64 KB"):
+        rows = rows_of(out, size)
+        assert len(rows) == 1 and rows[0].count("x)") == 3, out
+    for label in COMPRESSORS:
+        rows = rows_of(out, label)
+        assert len(rows) == 1 and "points" in rows[0], out
+    saved = {label: rows_of(out, label)[0].split("|")[2].strip() for label in COMPRESSORS}
+    ring, int8 = 2 * (n - 1) / n * 8 * 9611, (n - 1) * (9610 + 8)  # bytes per rank: ring allreduce, allgather of int8
+    assert saved["none"] == "1x" and saved["8-bit"] == f"{ring / int8:.0f}x", saved

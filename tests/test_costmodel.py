@@ -116,3 +116,30 @@ def test_on_cores_scales_per_byte_costs_with_the_share_of_a_core_each_rank_gets(
     assert alone == dict(alpha=1e-5, beta=2e-10, gamma=1e-10)
     assert on_cores(params, 8, 2, fitted)["beta"] == 8e-10
     assert on_cores(params, 1, 2, fitted) == alone  # a rank never gets more than one core
+
+
+def test_hierarchical_by_hand_and_its_limits():
+    intra, inter = dict(alpha=1.0, beta=0.0), dict(alpha=10.0, beta=0.0)
+    # 4 nodes of 8: a tree of 3 rounds each way inside (6 a_in), a ring of 4 leaders (6 a_out)
+    assert costmodel.predict_hierarchical(100, 4, 8, intra, inter) == pytest.approx(6 * 1.0 + 6 * 10.0)
+    # one rank per node: the flat ring; one node: the tree alone
+    for n in (8, 1 << 20):
+        link = dict(alpha=3e-6, beta=1e-9)
+        assert costmodel.predict_hierarchical(n, 16, 1, link, link) == pytest.approx(predict("ring", n, 16, **link))
+        assert costmodel.predict_hierarchical(n, 1, 8, link, link) == pytest.approx(predict("tree", n, 8, **link))
+    nets = costmodel.NETWORKS
+    # latency-bound: the hierarchy saves 2(p - N) slow latencies; bandwidth-bound with many nodes: little
+    small = predict("ring", 8, 1024, **nets["10 GbE"]) / costmodel.predict_hierarchical(8, 128, 8, nets["NVLink 3"], nets["10 GbE"])
+    assert 7 < small < 8.1
+
+
+def test_predict_step_and_amdahl():
+    # 240 examples on 3 ranks: the largest shard is 80; on 2 cores each rank gets 2/3 of one
+    t = costmodel.predict_step("ring", 3, 240, 1e-5, 1000, alpha=1e-6, beta=1e-9, overhead=1e-4, cores=2)
+    assert t == pytest.approx(80 * 1e-5 * 1.5 + predict("ring", 1000, 3, 1e-6, 1e-9) + 1e-4)
+    ps = costmodel.predict_step("ps", 4, 30, 1e-5, 1000, alpha=1e-6, beta=1e-9)  # 3 workers compute
+    assert ps == pytest.approx(10 * 1e-5 + costmodel.predict_ps(1000, 3, 1, 1e-6, 1e-9))
+    assert costmodel.amdahl(1, 0.3) == pytest.approx(1.0)
+    assert costmodel.amdahl(4, 0.0) == pytest.approx(4.0)
+    assert costmodel.amdahl(10**9, 0.1) == pytest.approx(10.0, rel=1e-6)      # never more than 1/s
+    assert predict("ring", 100, np.int64(4), 1.0, 0.0) == predict("ring", 100, 4, 1.0, 0.0)  # numpy rank counts

@@ -7,6 +7,7 @@
     mpiexec -n 4 python -m syncml_lib.bench train       # one model trained with every mechanism, bucketing (chapter 06)
     mpiexec -n 4 python -m syncml_lib.bench sync        # barriers and shared updates vs MPI Barrier and Accumulate (chapter 01)
     python -m syncml_lib.bench engines                  # EngineScheduler vs ipyparallel's load-balanced view (chapter 05b)
+    mpiexec -n 4 python -m syncml_lib.bench scaling     # step time over 1..4 ranks, hierarchical, compression (chapter 07)
 
 From Python, main(["ps", "--steps", "3"]) does the same. One module per benchmark (its docstring says
 what it measures and how), common.py what they share (sizes, timing, tables, rank counts, MPICH's

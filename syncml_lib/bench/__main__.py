@@ -1,4 +1,4 @@
-"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train|sync|engines [options]` (or main(argv)).
+"""The command line: `python -m syncml_lib.bench allreduce|ps|data|tasks|train|sync|engines|scaling [options]` (or main(argv)).
 
 It parses the options, puts the course's MPI settings into the environment (syncml_lib.mpienv: shared
 memory only on one machine, MPICH's progress throttle for the benchmarks that want it), and only then
@@ -21,7 +21,7 @@ DATA_SIZES = ["64K", "1M", "8M"]
 # ranks that have work, unless MPICH's progress throttle makes an idle rank yield; the course's engines
 # and mpirun turn it on for the same reason. (`allreduce` runs without it: every rank there is busy, and
 # its tables were measured so.)
-THROTTLED = {"ps", "data", "tasks", "train", "sync"}
+THROTTLED = {"ps", "data", "tasks", "train", "sync", "scaling"}
 
 
 def parser():
@@ -77,6 +77,14 @@ def parser():
     engines.add_argument("--tasks", type=int, default=1000, help="empty tasks per throughput run (default: %(default)s)")
     engines.add_argument("--repeat", type=int, default=3,
                          help="runs per throughput and makespan measurement (default: %(default)s)")
+
+    scaling = commands.add_parser("scaling", help="chapter 07: step time over 1..p ranks beside the cost model, "
+                                  "hierarchical against flat allreduce, gradient compression")
+    scaling.add_argument("--epochs", type=int, default=4, help="epochs per training run (default: %(default)s)")
+    scaling.add_argument("--sizes", nargs="+", default=["8", "1K", "64K", "1M", "8M"],
+                         help="allreduce sizes for hierarchical against flat (default: %(default)s)")
+    scaling.add_argument("--repeat", type=int, default=50,
+                         help="repeats per allreduce measurement, fewer for large sizes (default: %(default)s)")
 
     # Another benchmark: its subparser here, and a module of its own beside these with main(args).
     return parser
