@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .allreduce import allreduce, ring_allgather
+from .training.loop import flatten, unflatten
 
 __all__ = ["TopK", "Int8", "Sign", "LowRank", "COMPRESSORS", "get_compressor", "top_k",
            "topk_with_error_feedback", "allgather_bytes"]
@@ -71,18 +72,6 @@ def allgather_bytes(comm, payload):
     return np.roll(rows, -1, axis=0)  # row (q + 1) % p holds rank q's payload
 
 
-def _flat(arrays):
-    return np.concatenate([np.ravel(a) for a in arrays.values()]).astype(np.float64)
-
-
-def _shaped(flat, like):
-    out, start = {}, 0
-    for name, value in like.items():
-        out[name] = flat[start:start + np.size(value)].reshape(np.shape(value))
-        start += np.size(value)
-    return out
-
-
 # ----------------------------------------------------------------------------- the compressors
 
 class _Compressor:
@@ -106,14 +95,14 @@ class _Compressor:
             self.reset(arrays)
         size = self.payload_bytes()
         try:
-            payload = self.compress(_flat(arrays))
+            payload = self.compress(flatten(arrays))
             if payload.dtype != np.uint8 or payload.size != size:
                 raise ValueError(f"the payload has {payload.size} bytes, expected {size}")
         except Exception as error:  # noqa: BLE001 - every rank stops on the NaN, and says why
             self.problem = self.problem or f"{type(self).__name__}.compress raised {type(error).__name__}: {error}"
             payload = np.full(size, 0xFF, dtype=np.uint8)  # NaN as float64, -1 as int32
         total = sum(self.decompress(row) for row in allgather_bytes(comm, payload))
-        return _shaped(total, arrays)
+        return unflatten(total, arrays)
 
 
 @dataclass
@@ -245,7 +234,7 @@ class LowRank(_Compressor):
 
     @staticmethod
     def _allreduce(comm, arrays):
-        return _shaped(allreduce(comm, _flat(arrays), check=False), arrays)
+        return unflatten(allreduce(comm, flatten(arrays), check=False), arrays)
 
 
 COMPRESSORS = {"topk": TopK, "int8": Int8, "sign": Sign, "lowrank": LowRank}

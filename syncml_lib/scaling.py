@@ -14,7 +14,7 @@ ranks wait asleep, so the same p engines measure every rank count. It reports me
 """
 import numpy as np
 
-from .rpc import wait_sleeping
+from .rpc import check_same_on_all_ranks, refuse_on_every_rank, wait_sleeping
 from .training import MLP, train
 
 __all__ = ["WIDE", "measure_step", "first_ranks"]
@@ -39,20 +39,27 @@ def measure_step(comm, p, *, model=WIDE, batch_size, epochs=2, lr=0.05, rounds=3
     runs; the same dict on every rank: ranks, batch, step (the slowest rank's compute + communication),
     compute and communication (the slowest rank's), bytes_sent per rank per step, steps measured, and the
     test accuracy reached. Collective on comm: the ranks beyond p wait asleep until the others are done."""
+    check_same_on_all_ranks(comm, "measure_step", p=p, batch_size=batch_size, rounds=rounds)
+    if not (isinstance(p, int) and 1 <= p <= comm.size):
+        raise ValueError(f"measure_step: p must be a rank count from 1 to {comm.size}, got {p!r}")
+    comm = comm.Dup()  # this call's own: a run interrupted here (Ctrl-C) leaves nothing pending on the caller's
     sub = first_ranks(comm, p)
-    mine = None
+    mine = problem = None
     if sub is not None:
         rows = []
         try:
             for _ in range(rounds):
                 result = train(sub, mechanism, model=model, epochs=epochs, batch_size=batch_size, lr=lr, **options)
                 rows += [[r["compute"], r["communication"], r["bytes_sent"] or 0] for r in result.history[WARM_UP:]]
+            mine = (rows, result.test_accuracy)
+        except Exception as error:  # noqa: BLE001 - said on every rank below, also to the ranks that waited
+            problem = f"train on the first {p} ranks failed: {type(error).__name__}: {error}"
         finally:
             sub.Free()
-        mine = (rows, result.test_accuracy)
     # the ranks beyond p wait here while the first p train, looking every 5 ms only: at rpc's usual
     # interval (~60 us) two idle ranks took enough of 2 cores to slow 2 training ranks' compute by half
     wait_sleeping(comm.Ibarrier(), interval=IDLE_WHILE_TIMED)
+    refuse_on_every_rank(comm, "measure_step", problem)
     everyone = comm.gather(mine, root=0)
     row = None
     if comm.rank == 0:
@@ -61,4 +68,6 @@ def measure_step(comm, p, *, model=WIDE, batch_size, epochs=2, lr=0.05, rounds=3
         row = dict(ranks=p, batch=batch_size, step=float(np.median(steps[:, :, :2].sum(axis=2).max(axis=0))),
                    compute=float(np.median(slowest[:, 0])), communication=float(np.median(slowest[:, 1])),
                    bytes_sent=float(np.mean(steps[:, :, 2])), steps=steps.shape[1], accuracy=everyone[0][1])
-    return comm.bcast(row, root=0)
+    row = comm.bcast(row, root=0)
+    comm.Free()
+    return row

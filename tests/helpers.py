@@ -5,6 +5,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def outcome(call):
+    """Run call(); return None, or (exception name, message) if it raised TypeError or ValueError."""
+    try:
+        call()
+    except (TypeError, ValueError) as error:
+        return type(error).__name__, str(error)
+    return None
+
+
 def descendants(pid=None):
     """PIDs of all living processes below `pid` (default: this process), from /proc."""
     pid = os.getpid() if pid is None else pid

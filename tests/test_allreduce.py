@@ -8,6 +8,7 @@ import functools
 import numpy as np
 import pytest
 
+from helpers import outcome
 from syncml_lib.mpirun import run, run_script
 
 RANKS = [1, 2, 3, 4, 5]
@@ -32,15 +33,6 @@ def make_input(rank, shape, dtype, op):
     if dtype.startswith("complex"):
         x = x + 1j * rng.uniform(-0.5, 0.5, size=shape)
     return np.asarray(x, dtype=dtype)  # an array even for shape ()
-
-
-def outcome(call):
-    """Run call(); return None, or (exception name, message) if it raised TypeError or ValueError."""
-    try:
-        call()
-    except (TypeError, ValueError) as error:
-        return type(error).__name__, str(error)
-    return None
 
 
 def compare_with_mpi(comm, algorithms):

@@ -5,6 +5,7 @@ import functools
 import numpy as np
 import pytest
 
+from helpers import outcome
 from syncml_lib.mpirun import run
 
 RANKS = [1, 2, 3, 4, 5]
@@ -59,14 +60,6 @@ def compare_with_mpi(comm):
     if not np.allclose(hierarchical_allreduce(comm, x), expected):  # the default grouping, two per node
         problems.append(f"default nodes, shape (2, 3): rank {comm.rank} differs from MPI")
     return problems, cases
-
-
-def outcome(call):
-    try:
-        call()
-    except (TypeError, ValueError) as error:
-        return type(error).__name__, str(error)
-    return None
 
 
 def bad_inputs(comm):

@@ -8,6 +8,7 @@ import functools
 import numpy as np
 import pytest
 
+from helpers import outcome
 from syncml_lib.mpirun import run
 
 RANKS = [1, 2, 3, 4, 5]
@@ -146,15 +147,6 @@ def dropout(comm):
         recovered = secure_sum(comm, x, seed=11, dropped=dropped)
         found[f"{dropped} problems"] = check_sum(comm, f"dropped={dropped}", recovered, x, ranks=survivors)
     return found
-
-
-def outcome(call):
-    """Run call(); return None, or (exception name, message) if it raised TypeError or ValueError."""
-    try:
-        call()
-    except (TypeError, ValueError) as error:
-        return type(error).__name__, str(error)
-    return None
 
 
 def bad_inputs(comm):

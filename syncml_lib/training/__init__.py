@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from ..allreduce import ALGORITHMS
-from ..compression import get_compressor
+from .. import compression  # the module (it imports training.loop: its names are looked up when used)
 from ..parameter_server import MODES
 from ..rpc import RunAborted, check_same_on_all_ranks, swallow_interrupts
 from . import bucketing, data_parallel, local_sgd, ps
@@ -138,7 +138,7 @@ def _check_arguments(comm, mechanism, epochs, batch_size, lr, options, n_train):
                              f"a step needs the gradient of at least one worker, so backups must be at most "
                              f"{n_workers - 1}")
     if mechanism == "allreduce":
-        get_compressor(options["compression"])  # ValueError for an unknown one
+        compression.get_compressor(options["compression"])  # ValueError for an unknown one
     if mechanism == "local_sgd" and not _is_int(options["H"], 1):
         raise ValueError(f"train: H must be a positive integer, got {options['H']!r}")
     if mechanism == "bucketed":
@@ -160,7 +160,7 @@ def _train_together(comm, mechanism, job, options):
     with interrupts_noted() as job.interrupts:  # a Ctrl-C stops every rank at the same step (loop.py)
         if mechanism == "allreduce":
             return data_parallel.train_data_parallel(comm, job, options["algorithm"],
-                                                     get_compressor(options["compression"]))
+                                                     compression.get_compressor(options["compression"]))
         if mechanism == "local_sgd":
             return local_sgd.train_local_sgd(comm, job, options["H"], options["algorithm"])
         return bucketing.train_bucketed(comm, job, options["bucket_bytes"], options["overlap"])
