@@ -1131,8 +1131,29 @@ def topk_smallest(update, residual, k):
     return indices, corrected[indices], new_residual
 
 
+def topk_sends_the_update(update, residual, k):
+    """The mistake: the right indices, but the update's values sent instead of update + residual's."""
+    corrected = update + residual
+    indices = np.argsort(-np.abs(corrected))[:k]
+    new_residual = corrected.copy()
+    new_residual[indices] = 0
+    return indices, update[indices], new_residual
+
+
+def topk_in_place(update, residual, k):
+    """The mistake: the residual updated in place (the answer itself is right)."""
+    residual += update
+    indices = np.argsort(-np.abs(residual))[:k]
+    values = residual[indices].copy()
+    new_residual = residual.copy()
+    new_residual[indices] = 0
+    return indices, values, new_residual
+
+
 @pytest.mark.parametrize("answer, message", [
     (topk_without_residual, "(that is the update alone: add the residual first, corrected = update + residual)"),
+    (topk_sends_the_update, "(that is update[index]: send corrected[indices], the values of update + residual)"),
+    (topk_in_place, "case 0 (k=4 of 40 values) changed its argument residual in place"),
     (topk_residual_dropped, "loses part of the update: at index"),
     (topk_smallest, "not the 4 largest |update + residual|"),
 ])
@@ -1184,6 +1205,25 @@ def test_pairwise_masks_check_names_each_classic_mistake(answer, message):
     assert message in str(info.value), str(info.value)
 
 
+def split_by_raw_id(comm, nodes):
+    """The mistake: the node id itself as the colour (MPICH accepts negative colours, but not MPI.UNDEFINED)."""
+    from mpi4py import MPI
+
+    node_comm = comm.Split(color=nodes[comm.rank], key=comm.rank)
+    leaders = comm.Split(color=0 if node_comm != MPI.COMM_NULL and node_comm.rank == 0 else MPI.UNDEFINED,
+                         key=comm.rank)
+    return node_comm, (leaders if leaders != MPI.COMM_NULL else None)
+
+
+def split_null_for_non_leaders(comm, nodes):
+    """The mistake: MPI.COMM_NULL instead of None on the ranks that do not lead."""
+    from mpi4py import MPI
+
+    colour = sorted(set(nodes)).index(nodes[comm.rank])
+    node_comm = comm.Split(color=colour, key=comm.rank)
+    return node_comm, comm.Split(color=0 if node_comm.rank == 0 else MPI.UNDEFINED, key=comm.rank)
+
+
 def split_leaders_everywhere(comm, nodes):
     """The mistake: every rank in the leaders' communicator."""
     colour = sorted(set(nodes)).index(nodes[comm.rank])
@@ -1202,6 +1242,8 @@ def split_reversed(comm, nodes):
 @pytest.mark.parametrize("answer, message", [
     (split_leaders_everywhere, "so leaders_comm must be None"),
     (split_reversed, "in comm's order (comm.Split with one colour per node, key=comm.rank)"),
+    (split_by_raw_id, "(node id MPI.UNDEFINED passed as the colour: use the node's position among the sorted ids)"),
+    (split_null_for_non_leaders, "so leaders_comm must be None; got MPI.COMM_NULL (split with colour MPI.UNDEFINED"),
 ])
 def test_split_nodes_check_names_each_classic_mistake(answer, message):
     with pytest.raises(checks.CheckFailed) as info:

@@ -19,9 +19,15 @@ def _topk_inputs(n, k, seed):
     return rng.normal(size=n), rng.normal(size=n) * 0.5, k
 
 
-def _judge_topk(args, got, expected, why):
-    update, residual, k = args
-    if not (isinstance(got, tuple) and len(got) == 3):
+def _judge_topk(args, got, before, why):
+    """before: copies of (update, residual) taken before the call, to judge against and to see changes."""
+    update, residual = before
+    if not (np.array_equal(args[0], update) and np.array_equal(args[1], residual)):
+        changed = "update" if not np.array_equal(args[0], update) else "residual"
+        return (f"changed its argument {changed} in place; leave update and residual as they are and return new "
+                f"arrays (corrected = update + residual makes a new one; residual += update does not)")
+    k = args[2]
+    if not (isinstance(got, (tuple, list)) and len(got) == 3):
         return f"returned {type(got).__name__}; expected a tuple (indices, values, new_residual)"
     indices, values, new_residual = (np.asarray(part) for part in got)
     corrected = update + residual
@@ -29,13 +35,16 @@ def _judge_topk(args, got, expected, why):
         return f"returned {indices.size} indices and {values.size} values; expected k = {k} of each"
     if indices.dtype.kind not in "iu" or len(set(indices.tolist())) != k or not np.all((indices >= 0) & (indices < update.size)):
         return f"returned indices {_show(indices)}; expected {k} different integer positions in 0..{update.size - 1}"
+    chosen = np.sort(np.argsort(-np.abs(corrected), kind="stable")[:k])
     if new_residual.shape != update.shape:
         return f"returned a new residual of shape {new_residual.shape}; expected {update.shape}, like the update"
-    chosen = np.sort(np.argsort(-np.abs(corrected), kind="stable")[:k])
     if not np.allclose(values, corrected[indices]):
         at = int(np.flatnonzero(~np.isclose(values, corrected[indices]))[0])
-        hint = (" (that is the update alone: add the residual first, corrected = update + residual)"
-                if np.isclose(values[at], update[indices[at]]) else "")
+        hint = ""
+        if np.isclose(values[at], update[indices[at]]):
+            right_indices = np.array_equal(np.sort(indices), chosen)
+            hint = (" (that is update[index]: send corrected[indices], the values of update + residual)" if right_indices
+                    else " (that is the update alone: add the residual first, corrected = update + residual)")
         return (f"sends value {values[at]:.6g} for index {indices[at]}, but update + residual there is "
                 f"{corrected[indices[at]]:.6g}{hint}")
     if not np.isclose(np.sort(np.abs(values)).sum(), np.abs(corrected[chosen]).sum()):
@@ -52,15 +61,11 @@ def _judge_topk(args, got, expected, why):
 
 
 def _topk_alone(learner):
-    cases = [(_topk_inputs(*case), None, "") for case in TOPK_CASES]
-    snapshots = [tuple(np.copy(a) for a in args[:2]) for args, _, _ in cases]
-    problems = _table(learner, cases, lambda i, args: f"case {i} (n={args[0].size}, k={args[2]}): your function",
-                      _judge_topk)
-    for (args, _, _), (update, residual) in zip(cases, snapshots):
-        if not problems and not (np.array_equal(args[0], update) and np.array_equal(args[1], residual)):
-            problems = [f"case n={update.size}: your function changed its inputs in place; leave update and "
-                        f"residual as they are and return new arrays"]
-    return problems
+    cases = []
+    for case in TOPK_CASES:
+        update, residual, k = _topk_inputs(*case)
+        cases.append(((update, residual, k), (update.copy(), residual.copy()), ""))  # judged against the copies
+    return _table(learner, cases, lambda i, args: f"case {i} (k={args[2]} of {args[0].size} values)", _judge_topk)
 
 
 def _topk_on_rank(comm, learner):
@@ -151,8 +156,10 @@ def check_pairwise_masks(pairwise_masks):
 # ---------------------------------------------------------------- the nodes' communicators
 
 def _groupings(p):
+    """Groupings to try; the last holds the node id -32766, MPI.UNDEFINED in MPICH: an id passed as the colour
+    itself (MPICH accepts negative colours) then leaves its ranks out of every node communicator."""
     return [[r // 2 for r in range(p)], [0] * p, list(range(p)), [(r * 7) % 3 + 10 for r in range(p)],
-            [5 if r == p - 1 else -1 for r in range(p)]]
+            [5 if r == p - 1 else -1 for r in range(p)], [-32766 if r < (p + 1) // 2 else 0 for r in range(p)]]
 
 
 def _split_problem(comm, nodes, got):
@@ -164,7 +171,9 @@ def _split_problem(comm, nodes, got):
     node_comm, leaders_comm = got
     mine = [r for r in range(comm.size) if nodes[r] == nodes[comm.rank]]
     if not isinstance(node_comm, MPI.Comm) or node_comm == MPI.COMM_NULL:
-        return f"returned node_comm = {node_comm!r}; expected a communicator of this rank's node, ranks {mine}"
+        hint = (" (node id MPI.UNDEFINED passed as the colour: use the node's position among the sorted ids)"
+                if node_comm == MPI.COMM_NULL and nodes[comm.rank] == MPI.UNDEFINED else "")
+        return f"returned node_comm = {node_comm!r}; expected a communicator of this rank's node, ranks {mine}{hint}"
     members = MPI.Group.Translate_ranks(node_comm.Get_group(), list(range(node_comm.size)), comm.Get_group())
     if list(members) != mine:
         return (f"node_comm holds ranks {list(members)} (in its rank order) of comm; this rank's node {nodes[comm.rank]} "
@@ -177,12 +186,15 @@ def _split_problem(comm, nodes, got):
         if sorted(members) != leaders:
             return f"leaders_comm holds ranks {sorted(members)} of comm; expected the leaders {leaders}, rank 0 of each node"
     elif leaders_comm is not None:
+        got_text = "MPI.COMM_NULL" if isinstance(leaders_comm, MPI.Comm) and leaders_comm == MPI.COMM_NULL else repr(leaders_comm)
         return (f"this rank is not the leader of its node (rank {mine[0]} is), so leaders_comm must be None; got "
-                f"{leaders_comm!r} (split with colour MPI.UNDEFINED, which gives MPI.COMM_NULL, and return None)")
+                f"{got_text} (split with colour MPI.UNDEFINED, which gives MPI.COMM_NULL, and return None)")
     return None
 
 
 def _split_on_rank(comm, learner):
+    from mpi4py import MPI
+
     from .. import allreduce as ar
 
     for nodes in _groupings(comm.size):
@@ -190,9 +202,12 @@ def _split_on_rank(comm, learner):
         problem = f"split_nodes(comm, {nodes}): your function {error}" if error else None
         problem = problem or (lambda text: text and f"split_nodes(comm, {nodes}) {text}")(_split_problem(comm, nodes, got))
         if not error and isinstance(got, tuple) and len(got) == 2:
-            for part in got:
-                if part is not None and hasattr(part, "Free") and part != comm:
-                    part.Free()
+            for part in got:  # after judging: free what the learner's Split made (not COMM_NULL, not comm)
+                if isinstance(part, MPI.Comm) and part != MPI.COMM_NULL and part != comm:
+                    try:
+                        part.Free()
+                    except MPI.Exception:
+                        pass
         if _anyone(comm, [problem] if problem else []):
             return [problem] if problem else []
     for nodes in _groupings(comm.size):
