@@ -53,6 +53,8 @@ def measure_step(comm, p, *, model=WIDE, batch_size, epochs=2, lr=0.05, rounds=3
                 rows += [[r["compute"], r["communication"], r["bytes_sent"] or 0] for r in result.history[WARM_UP:]]
             mine = (rows, result.test_accuracy)
         except Exception as error:  # noqa: BLE001 - said on every rank below, also to the ranks that waited
+            if getattr(error, "interrupted", False):  # Ctrl-C: the waiting ranks have left their wait too
+                raise
             problem = f"train on the first {p} ranks failed: {type(error).__name__}: {error}"
         finally:
             sub.Free()

@@ -2,8 +2,8 @@
 and the next run in the same engines is correct.
 
 The runs: run_parameter_server, run_kvstore, run_tasks, chapter 01's run_shared_updates,
-run_barrier_steps and run_clocked_workers (rpc.Run ends them) and chapter 06's train
-(which stops every rank at the same step). What JupyterLab's interrupt of a %%px cell does: ipyparallel sends SIGINT to every engine (through each
+run_barrier_steps and run_clocked_workers (rpc.Run ends them), chapter 06's train
+(which stops every rank at the same step) and chapter 07's measure_step (two ranks train, two wait). What JupyterLab's interrupt of a %%px cell does: ipyparallel sends SIGINT to every engine (through each
 engine's nanny), and every engine raises KeyboardInterrupt wherever it is. Here: start a run of about
 10 s on 4 engines, send SIGINT to every engine after 3 s, wait at most a few seconds for every engine
 to come back, then run a short job on the same engines and compare it with the answer computed here.
@@ -123,6 +123,17 @@ def clocked_workers(iterations, delay):
     return sorted((row["rank"], row["iteration"]) for row in run.iterations)
 
 
+def scaling_step(epochs, batch_size):
+    """Chapter 07's measure_step: ranks 0 and 1 train while ranks 2 and 3 wait asleep."""
+    from mpi4py import MPI
+
+    from syncml_lib.scaling import measure_step
+    from syncml_lib.training import get_model
+
+    row = measure_step(MPI.COMM_WORLD, 2, model=get_model("mlp"), batch_size=batch_size, epochs=epochs, rounds=1)
+    return [row["ranks"], row["batch"], row["steps"]]
+
+
 RUNS = {  # long run (about 10 s), short run, what the short run must return on every rank (a callable: computed
     # when the test needs it, not when an engine imports this module to unpickle a run)
     "run_parameter_server": (lambda: parameter_server(200, 0.05), lambda: parameter_server(5, 0),
@@ -136,6 +147,7 @@ RUNS = {  # long run (about 10 s), short run, what the short run must return on 
                           [[0.0] * 3 for _ in range(4)]),
     "run_clocked_workers": (lambda: clocked_workers(300, 0.03), lambda: clocked_workers(3, 0),
                             [(r, t) for r in range(4) for t in range(3)]),
+    "measure_step": (lambda: scaling_step(2000, 32), lambda: scaling_step(1, 64), [2, 64, 1437 // 64 - 2]),
 }
 
 
