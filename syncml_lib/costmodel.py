@@ -10,6 +10,8 @@ predict() adds up the steps on the critical path:
     t_ps = predict_ps(nbytes=8 << 20, workers=3, servers=1, alpha=5e-6, beta=1e-9)  # parameter server
     t_h = predict_hierarchical(8 << 20, nodes=4, per_node=8, intra=NETWORKS["NVLink 3"], inter=NETWORKS["10 GbE"])
     t_step = predict_step("ring", p=4, batch=32, seconds_per_example=2e-5, nbytes=76888, alpha=3.4e-5, beta=5.3e-10)
+    amdahl(p=4, serial_fraction=0.1), gustafson(p=4, serial_fraction=0.1)   # strong and weak scaling's laws
+    RESNET50["gradient_bytes"], training_flop_per_example(RESNET50["forward_multiply_adds"]) / A100_TF32_FLOPS
 """
 import math
 import time
@@ -17,7 +19,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["on_cores", "predict", "predict_ps", "predict_hierarchical", "predict_step", "amdahl", "NETWORKS", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
+__all__ = ["on_cores", "predict", "predict_ps", "predict_hierarchical", "predict_step", "amdahl", "gustafson", "NETWORKS", "RESNET50",
+           "A100_TF32_FLOPS", "training_flop_per_example", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
 
 # Measured on the course machine (2 cores, 4 ranks, MPICH 5 from its PyPI wheel, shared memory) with
 #     mpiexec -n 4 python -m syncml_lib.bench allreduce --fit
@@ -231,6 +234,23 @@ NETWORKS = MappingProxyType({
 })
 
 
+# ResNet-50 (He et al. 2016) as torchvision builds it (torchvision.models.resnet50, ResNet50_Weights.IMAGENET1K_V1:
+# num_params 25,557,032, GFLOPS 4.09 for one 224 x 224 image forward; that count, like He et al.'s Table 1, counts a
+# multiply-add once). Its float32 gradient is 4 bytes per parameter.
+RESNET50 = MappingProxyType(dict(parameters=25_557_032, forward_multiply_adds=4.09e9, gradient_bytes=4 * 25_557_032))
+# A stated compute rate: NVIDIA A100 datasheet, peak TF32 Tensor Core 156 TFLOPS (dense; a multiply-add counts as
+# 2 FLOPs there). Training reaches a fraction of a peak, so compute times made with it are lower bounds.
+A100_TF32_FLOPS = 156e12
+
+
+def training_flop_per_example(forward_multiply_adds):
+    """FLOPs (a multiply-add = 2, as datasheets count) of one example's forward and backward pass:
+    3 x 2 x forward_multiply_adds. The backward pass costs about twice the forward: each layer computes
+    the gradient of its input and the gradient of its weights, each a product the size of the forward's.
+    ResNet-50: 3 x 2 x 4.09e9 = 24.5e9 FLOPs, the "about 12 GFLOP" usually quoted when a multiply-add counts once."""
+    return 3 * 2 * forward_multiply_adds
+
+
 def predict_hierarchical(nbytes, nodes, per_node, intra, inter, gamma=0.0):
     """Seconds for allreduce.hierarchical_allreduce: N = nodes nodes of g = per_node ranks; intra and
     inter are dicts with alpha and beta of the links inside a node and between nodes.
@@ -272,3 +292,11 @@ def amdahl(p, serial_fraction):
     """Amdahl's law: the speedup on p processors of a job whose serial_fraction cannot be parallelized,
     1 / (s + (1 - s) / p); it never exceeds 1 / s."""
     return 1.0 / (serial_fraction + (1.0 - serial_fraction) / p)
+
+
+def gustafson(p, serial_fraction):
+    """Gustafson's law, the law of weak scaling: if a fraction s of a run on p processors is serial and the
+    rest is p processors' share of p times the work, one processor would take s + (1 - s) p times as long.
+    That scaled speedup, s + (1 - s) p, grows without bound; the efficiency (scaled speedup / p) is
+    1 - s + s / p, never below 1 - s. (Amdahl fixes the work and finds the speedup bounded by 1 / s.)"""
+    return serial_fraction + (1.0 - serial_fraction) * p

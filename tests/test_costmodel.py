@@ -143,3 +143,25 @@ def test_predict_step_and_amdahl():
     assert costmodel.amdahl(4, 0.0) == pytest.approx(4.0)
     assert costmodel.amdahl(10**9, 0.1) == pytest.approx(10.0, rel=1e-6)      # never more than 1/s
     assert predict("ring", 100, np.int64(4), 1.0, 0.0) == predict("ring", 100, 4, 1.0, 0.0)  # numpy rank counts
+
+
+def test_gustafson_is_the_weak_scaling_law_and_agrees_with_amdahl_on_the_same_run():
+    assert costmodel.gustafson(1, 0.3) == pytest.approx(1.0)
+    assert costmodel.gustafson(4, 0.0) == pytest.approx(4.0)       # nothing serial: p times the work
+    assert costmodel.gustafson(4, 1.0) == pytest.approx(1.0)       # all serial: no more work done
+    assert costmodel.gustafson(10, 0.1) == pytest.approx(0.1 + 0.9 * 10)
+    for p in (2, 16, 10**6):                                         # unbounded, efficiency never below 1 - s
+        assert costmodel.gustafson(p, 0.1) / p >= 0.9
+    assert costmodel.gustafson(10**6, 0.1) > 1 / 0.1                 # where Amdahl's bound 1/s would stop it
+    # one run of p processors, serial time s and parallel time 1 - s: on one processor it takes s + (1 - s) p,
+    # of which the serial part is the fraction s / (s + (1 - s) p); Amdahl with that fraction gives the same speedup
+    for p, s in ((4, 0.2), (64, 0.05)):
+        single_fraction = s / (s + (1 - s) * p)
+        assert costmodel.amdahl(p, single_fraction) == pytest.approx(costmodel.gustafson(p, s))
+
+
+def test_resnet50_compute_is_three_forward_passes_at_two_flops_per_multiply_add():
+    flop = costmodel.training_flop_per_example(costmodel.RESNET50["forward_multiply_adds"])
+    assert flop == pytest.approx(24.54e9)                            # 3 x 2 x 4.09e9: about 12 G multiply-adds
+    assert costmodel.RESNET50["gradient_bytes"] == 4 * costmodel.RESNET50["parameters"] > 100e6
+    assert 60 * flop / costmodel.A100_TF32_FLOPS == pytest.approx(9.44e-3, rel=1e-3)   # 60 images on one A100, at peak
