@@ -11,6 +11,12 @@ average, E[max] - mean. For exponential delays with mean m, E[max of W] = H_W * 
 rates W, W-1, ..., 1): so the expected wait of one worker is (H_W - 1) * m, which grows like
 ln(W) * m without bound.
 
+The wait comes from the spread of the step times, not from their mean: a constant that every worker
+spends (the same work on every rank) moves the slowest by as much as everyone, and cancels from the
+wait. delays_with_spread(rng, mean, spread, n) draws the constant mean - spread plus an exponential of
+mean `spread` (standard deviation `spread`): E[max of W] = mean - spread + H_W * spread, and a worker
+waits (H_W - 1) * spread = expected_wait(W, spread), whatever the mean.
+
 The barrier is MPI's own (comm.Ibarrier), waited for asleep: a rank waiting at it leaves its core to
 the others and can be interrupted; the run uses its own duplicate communicator (rpc.Run), so a step
 that was interrupted leaves no barrier half-entered for the next run.
@@ -22,7 +28,8 @@ import numpy as np
 
 from . import rpc
 
-__all__ = ["harmonic", "expected_slowest", "expected_wait", "run_barrier_steps", "BarrierSteps"]
+__all__ = ["harmonic", "expected_slowest", "expected_wait", "delays_with_spread", "run_barrier_steps",
+           "BarrierSteps"]
 
 
 def harmonic(n):
@@ -40,6 +47,16 @@ def expected_wait(n_workers, mean):
     return (harmonic(n_workers) - 1.0) * mean
 
 
+def delays_with_spread(rng, mean, spread, size):
+    """`size` step times of this mean and standard deviation `spread` (0 <= spread <= mean): the constant
+    mean - spread plus an exponential draw of mean `spread`; spread = mean is the plain exponential. Two
+    calls with generators of the same seed draw the same standard exponentials, scaled by the spread, so
+    runs that differ only in the spread compare like with like. Cost: one draw per step."""
+    if not 0 <= spread <= mean:
+        raise ValueError(f"the spread must be between 0 and the mean ({mean}); got {spread}")
+    return mean - spread + spread * rng.standard_exponential(size)
+
+
 @dataclass
 class BarrierSteps:
     delays: np.ndarray      # (ranks, steps): each rank's work at each step, seconds
@@ -50,6 +67,11 @@ class BarrierSteps:
     def floor(self):
         """What each step would cost if the barrier were free: the slowest rank's work."""
         return self.delays.max(axis=0)
+
+    @property
+    def floor_waits(self):
+        """(ranks, steps): what each rank would wait if the barrier were free, the slowest's work minus its own."""
+        return self.floor - self.delays
 
 
 def run_barrier_steps(comm, delays):

@@ -7,7 +7,7 @@ from .clocks import matched_messages
 __all__ = ["plot_rank_buffers", "message_rounds", "plot_messages", "plot_timeline", "plot_parameter_server",
            "plot_worker_steps", "plot_owners", "plot_hash_ring", "plot_task_timeline", "plot_training_curves",
            "plot_step_times", "plot_bytes_per_step", "plot_space_time",
-           "plot_lamport"]
+           "plot_lamport", "plot_barrier_steps"]
 
 
 def plot_rank_buffers(stages, title=None, fmt="{:g}", cmap="viridis", columns=None, max_width=9.5):
@@ -459,3 +459,52 @@ def plot_task_graph(depends_on, ax=None, title=None):
     if title:
         ax.set_title(title, fontsize=10)
     return ax
+
+
+def plot_barrier_steps(runs, spreads, shown=12, max_workers=64):
+    """Chapter 01's barrier figure. runs: {label: {W: barrier.BarrierSteps}}, step times of one mean and
+    the standard deviation spreads[label] (seconds). One panel per label, in the order of `spreads`: each rank's work and, stacked on
+    it in gray, its wait at the barrier, for the first `shown` steps of the largest W; the last panel: the
+    mean wait against W, measured (dots), the draws' own (crosses: the wait if the barrier were free) and
+    the formula (H_W - 1) * spread (lines, up to max_workers)."""
+    from .barrier import expected_wait
+
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(9.8, 3.6),
+                             gridspec_kw={"width_ratios": [1.2] * len(runs) + [1]})
+    colours = plt.get_cmap("tab10")
+    for ax, label in zip(axes, spreads):                      # panels in the order of `spreads`
+        by_workers = runs[label]
+        run = by_workers[max(by_workers)]
+        ranks = len(run.delays)
+        width = 0.8 / ranks
+        for r in range(ranks):
+            x = np.arange(min(shown, run.delays.shape[1])) + width * (r - (ranks - 1) / 2)
+            work, wait = 1e3 * run.delays[r, :len(x)], 1e3 * run.waits[r, :len(x)]
+            ax.bar(x, work, width=0.95 * width, color=colours(r % 10), label=f"rank {r}")
+            ax.bar(x, wait, width=0.95 * width, bottom=work, color="0.8")
+        ax.set_title(f"{label}: {ranks} workers", fontsize=10)
+        ax.set_xticks(range(0, len(x), 2))
+        ax.set_xlabel("step (gray: waiting at the barrier)")
+        ax.set_ylabel("work and wait (ms)")
+    axes[0].legend(fontsize=7, ncol=2)
+    top = max(ax.get_ylim()[1] for ax in axes[:-1])
+    for ax in axes[:-1]:
+        ax.set_ylim(0, top)
+    ax = axes[-1]
+    W = np.arange(1, max_workers + 1)
+    for i, label in enumerate(spreads):
+        by_workers = runs[label]
+        colour = plt.get_cmap("Dark2")(i)
+        ax.plot(W, [1e3 * expected_wait(w, spreads[label]) for w in W], color=colour, label=label)
+        ax.plot(list(by_workers), [1e3 * run.waits.mean() for run in by_workers.values()], "o", color=colour)
+        ax.plot(list(by_workers), [1e3 * run.floor_waits.mean() for run in by_workers.values()], "x", color="black")
+    ax.plot([], [], "o", color="0.4", label="measured")
+    ax.plot([], [], "x", color="black", label="the draws alone")
+    ax.set_xscale("log"); ax.set_xticks([1, 2, 4, 8, 16, 32, 64][:int(np.log2(max_workers)) + 1])
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter()); ax.minorticks_off()
+    ax.set_xlabel("workers W"); ax.set_ylabel("mean wait per step (ms)")
+    ax.set_title("lines: $(H_W - 1)\\cdot$spread", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
