@@ -507,4 +507,3 @@ def plot_barrier_steps(runs, spreads, shown=12, max_workers=64):
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
-
