@@ -1200,9 +1200,11 @@ def masks_int64(rank, size, seed, shape):
     (lambda rank, size, seed, shape: np.zeros(shape, dtype=np.uint32), "element 0 of the mask is 0"),
 ])
 def test_pairwise_masks_check_names_each_classic_mistake(answer, message):
+    """Each of these mistakes is the same on every rank: the report shows it once, for ranks 0, 1, 2."""
     with pytest.raises(checks.CheckFailed) as info:
         checks.check_pairwise_masks(answer, n=3)
-    assert message in str(info.value), str(info.value)
+    assert str(info.value).count(message) == 1 and "\n  ranks 0, 1, 2: pairwise_masks(rank, size=3, seed=7, " \
+        "shape=(1000,))" in str(info.value), str(info.value)
 
 
 def split_by_raw_id(comm, nodes):
@@ -1239,10 +1241,49 @@ def split_reversed(comm, nodes):
     return node_comm, (leaders if node_comm.rank == 0 else None)
 
 
+def split_with_the_id_as_colour(comm, nodes):
+    """The mistake the exercise warns about, as a learner writes it: on the ranks of node id MPI.UNDEFINED the
+    first Split gives MPI.COMM_NULL, whose .rank raises, while the other ranks wait in the second Split."""
+    from mpi4py import MPI
+
+    node_comm = comm.Split(color=nodes[comm.rank], key=comm.rank)
+    leader = node_comm.rank == 0
+    leaders_comm = comm.Split(color=0 if leader else MPI.UNDEFINED, key=comm.rank)
+    return node_comm, (leaders_comm if leader else None)
+
+
+def test_split_nodes_check_reports_an_error_that_left_the_other_ranks_waiting_at_once():
+    """The ranks whose node id is MPI.UNDEFINED raise in the learner's function; the others are waiting in its
+    next Split for them. The check names both, well within its time limit, instead of a hang."""
+    with pytest.raises(checks.CheckFailed) as info:
+        checks.check_split_nodes(split_with_the_id_as_colour, n=4, timeout=20)
+    message = str(info.value)
+    assert "did not finish" not in message and "error stack" not in message, message
+    assert re.search(r"\n  ranks 0, 1: split_nodes\(comm, \[-32766, -32766, 0, 0\]\): your function raised Exception: "
+                     r"Invalid communicator: Null communicator \(line \d+ of split_with_the_id_as_colour.*\) \(this "
+                     r"rank's node id -32766 is MPI.UNDEFINED: passed as the colour, it gives MPI.COMM_NULL; use the "
+                     r"node's position among the sorted ids as the colour\)\n", message), message
+    assert re.search(r"\n  ranks 2, 3: split_nodes\(comm, \[-32766, -32766, 0, 0\]\): your function raised "
+                     r"OtherRanksLeft: comm.Split here would wait forever: ranks 0, 1 had already left your function "
+                     r"\(raised or returned there\); every rank must make the same collective calls", message), message
+
+
+def split_only_on_leaders(comm, nodes):
+    """The mistake: only the leaders call the second Split; the others return before it."""
+    colour = sorted(set(nodes)).index(nodes[comm.rank])
+    node_comm = comm.Split(color=colour, key=comm.rank)
+    if node_comm.rank != 0:
+        return node_comm, None
+    return node_comm, comm.Split(color=0, key=comm.rank)
+
+
 @pytest.mark.parametrize("answer, message", [
+    (split_only_on_leaders, "ranks 0, 2: split_nodes(comm, [0, 0, 1, 1]): your function raised OtherRanksLeft: "
+                            "comm.Split here would wait forever: ranks 1, 3 had already left your function"),
     (split_leaders_everywhere, "so leaders_comm must be None"),
     (split_reversed, "in comm's order (comm.Split with one colour per node, key=comm.rank)"),
-    (split_by_raw_id, "(node id MPI.UNDEFINED passed as the colour: use the node's position among the sorted ids)"),
+    (split_by_raw_id, "(this rank's node id -32766 is MPI.UNDEFINED: passed as the colour, it gives MPI.COMM_NULL; "
+                      "use the node's position among the sorted ids as the colour)"),
     (split_null_for_non_leaders, "so leaders_comm must be None; got MPI.COMM_NULL (split with colour MPI.UNDEFINED"),
 ])
 def test_split_nodes_check_names_each_classic_mistake(answer, message):

@@ -3,9 +3,12 @@
 Each is first tried alone on a table of seeded cases, then put in place of the library's function
 inside a real run: compressed training, secure_sum, hierarchical_allreduce.
 """
+import re
+
 import numpy as np
 
-from .harness import _anyone, _call, _in_place_of, _show, _table, exercise_check
+from .harness import COLLECTIVES, _anyone, _call, _in_place_of, _show, _table, exercise_check
+from .training import _OwnComm
 
 # ---------------------------------------------------------------- top-k with error feedback
 
@@ -107,7 +110,8 @@ def _masks_on_rank(comm, learner):
 
     rank, p = comm.rank, comm.size
     for seed, shape in MASK_CASES:
-        call = f"pairwise_masks({rank}, {p}, seed={seed}, shape={shape})"
+        # the same text on every rank (the report names the ranks), so a problem they share is shown once
+        call = f"pairwise_masks(rank, size={p}, seed={seed}, shape={shape})"
         got, error = _call(learner, rank, p, seed, shape)
         problem = None
         if error:
@@ -128,8 +132,10 @@ def _masks_on_rank(comm, learner):
         plain = sa.encode(np.full(shape, 0.25))
         if p > 1 and np.any(got + plain == plain):
             at = int(np.flatnonzero((got + plain == plain).ravel())[0])
-            return [f"{call}: element {at} of the mask is 0, so the masked value there is the plain one: every rank's "
-                    f"mask must hide every value (add one pair mask for every other rank)"]
+            problem = (f"{call}: element {at} of the mask is 0, so the masked value there is the plain one: every "
+                       f"rank's mask must hide every value (add one pair mask for every other rank)")
+        if _anyone(comm, [problem] if problem else []):  # every rank stops here, or none: none waits in the next case
+            return [problem] if problem else []
     x = np.random.default_rng(710 + rank).uniform(-3, 3, size=101)
     expected = np.empty_like(x)
     comm.Allreduce(x, expected)
@@ -162,6 +168,59 @@ def _groupings(p):
             [5 if r == p - 1 else -1 for r in range(p)], [-32766 if r < (p + 1) // 2 else 0 for r in range(p)]]
 
 
+UNDEFINED_HINT = (" (this rank's node id -32766 is MPI.UNDEFINED: passed as the colour, it gives MPI.COMM_NULL; "
+                  "use the node's position among the sorted ids as the colour)")
+
+
+def _without_error_stack(error):
+    """MPICH's message of an MPI error without its error stack, whose lines hold the addresses of the
+    rank's own variables: "Invalid communicator: Null communicator (line 8 ...)", the same text on every rank."""
+    return re.sub(r", error stack:\n(?:.*\n)*.*?\w+\(\d+\): ", ": ", error)
+
+
+class OtherRanksLeft(RuntimeError):
+    """Raised in the learner's collective call on the ranks that would wait forever for ranks that left."""
+
+
+class _Agreeing:
+    """The communicator the learner's split_nodes gets: `own` (the learner's duplicate), except that each
+    collective call (comm.Split and the like) first agrees with every rank over `side`, the check's
+    communicator (one small allgather of a flag): when some ranks have already left the learner's function
+    (it raised there, e.g. on MPI.COMM_NULL, or returned early), the call would wait for them forever, so
+    it raises OtherRanksLeft instead, naming them. The check calls leave() on every rank once the learner's
+    function is over; it takes part in those agreements until every rank has left. Cost: one allgather per
+    collective call of the learner, and one or two more per call of its function. (A class, not a closure:
+    it travels to the engines by reference.)"""
+
+    AGREED = COLLECTIVES | {"Split", "Split_type", "Dup", "Create", "Create_group"}
+
+    def __init__(self, own, side):
+        self.own, self._side = own, side
+
+    def __getattr__(self, name):
+        attribute = getattr(self.own, name)
+        if name not in self.AGREED:
+            return attribute
+
+        def collective(*args, **kwargs):
+            left = [rank for rank, out in enumerate(self._side.allgather(True)) if not out]
+            if left:
+                raise OtherRanksLeft(f"comm.{name} here would wait forever: rank{'s' if len(left) > 1 else ''} "
+                                     f"{', '.join(map(str, left))} had already left your function (raised or "
+                                     f"returned there); every rank must make the same collective calls")
+            return attribute(*args, **kwargs)
+        return collective
+
+    def leave(self):
+        """Called on every rank once the learner's function is over: wait until every rank is over too."""
+        while any(self._side.allgather(False)):  # each rank's flag: inside a collective call of the learner
+            pass
+
+    def unwrapped(self, value):
+        """The learner's result with this wrapper (returned as is, e.g. as the one node's communicator) as own."""
+        return self.own if value is self else value
+
+
 def _split_problem(comm, nodes, got):
     """What is wrong with the learner's (node_comm, leaders_comm) for `nodes`, on this rank, or None."""
     from mpi4py import MPI
@@ -171,8 +230,7 @@ def _split_problem(comm, nodes, got):
     node_comm, leaders_comm = got
     mine = [r for r in range(comm.size) if nodes[r] == nodes[comm.rank]]
     if not isinstance(node_comm, MPI.Comm) or node_comm == MPI.COMM_NULL:
-        hint = (" (node id MPI.UNDEFINED passed as the colour: use the node's position among the sorted ids)"
-                if node_comm == MPI.COMM_NULL and nodes[comm.rank] == MPI.UNDEFINED else "")
+        hint = UNDEFINED_HINT if node_comm == MPI.COMM_NULL and nodes[comm.rank] == MPI.UNDEFINED else ""
         return f"returned node_comm = {node_comm!r}; expected a communicator of this rank's node, ranks {mine}{hint}"
     members = MPI.Group.Translate_ranks(node_comm.Get_group(), list(range(node_comm.size)), comm.Get_group())
     if list(members) != mine:
@@ -192,37 +250,56 @@ def _split_problem(comm, nodes, got):
     return None
 
 
-def _split_on_rank(comm, learner):
+def _split_alone(comm, learner_comm, learner, nodes):
+    """The problem of the learner's split_nodes(learner_comm, nodes) on this rank, or None; frees what it made."""
     from mpi4py import MPI
 
+    got, error = _call(learner, learner_comm, nodes)
+    learner_comm.leave()
+    if error:
+        hint = UNDEFINED_HINT if nodes[comm.rank] == MPI.UNDEFINED and "OtherRanksLeft" not in error else ""
+        return f"split_nodes(comm, {nodes}): your function {_without_error_stack(error)}{hint}"
+    if isinstance(got, tuple):
+        got = tuple(learner_comm.unwrapped(part) for part in got)
+    problem = _split_problem(comm, nodes, got)
+    if isinstance(got, tuple) and len(got) == 2:
+        for part in got:  # after judging: free what the learner's Split made (not COMM_NULL, not comm)
+            if isinstance(part, MPI.Comm) and part != MPI.COMM_NULL and part not in (comm, learner_comm.own):
+                try:
+                    part.Free()
+                except MPI.Exception:
+                    pass
+    return problem and f"split_nodes(comm, {nodes}) {problem}"
+
+
+def _split_on_rank(comm, own, learner):
+    """comm carries the check's calls and the agreements; own, a duplicate, the learner's Split calls."""
     from .. import allreduce as ar
 
+    learner_comm = _Agreeing(own, comm)
     for nodes in _groupings(comm.size):
-        got, error = _call(learner, comm, nodes)
-        problem = f"split_nodes(comm, {nodes}): your function {error}" if error else None
-        problem = problem or (lambda text: text and f"split_nodes(comm, {nodes}) {text}")(_split_problem(comm, nodes, got))
-        if not error and isinstance(got, tuple) and len(got) == 2:
-            for part in got:  # after judging: free what the learner's Split made (not COMM_NULL, not comm)
-                if isinstance(part, MPI.Comm) and part != MPI.COMM_NULL and part != comm:
-                    try:
-                        part.Free()
-                    except MPI.Exception:
-                        pass
+        problem = _split_alone(comm, learner_comm, learner, nodes)
         if _anyone(comm, [problem] if problem else []):
             return [problem] if problem else []
     for nodes in _groupings(comm.size):
         x = np.random.default_rng(720 + comm.rank).integers(-100, 100, size=comm.size + 3)
         expected = np.empty_like(x)
         comm.Allreduce(x, expected)
-        with _in_place_of(ar, "split_nodes", learner):
-            got = ar.hierarchical_allreduce(comm, x, nodes=nodes)
-        if not np.array_equal(got, expected):
-            return [f"hierarchical_allreduce(comm, x, nodes={nodes}) with your split_nodes gave {_show(got)}, "
-                    f"MPI's Allreduce {_show(expected)}"]
+        run = f"hierarchical_allreduce(comm, x, nodes={nodes}) with your split_nodes"
+        try:
+            with _in_place_of(ar, "split_nodes", learner):
+                got = ar.hierarchical_allreduce(learner_comm, x, nodes=nodes)
+            problem = None if np.array_equal(got, expected) else \
+                f"{run} gave {_show(got)}, MPI's Allreduce {_show(expected)}"
+        except Exception as exc:  # noqa: BLE001
+            problem = f"{run} failed: {type(exc).__name__}: {exc}"
+        learner_comm.leave()
+        if _anyone(comm, [problem] if problem else []):
+            return [problem] if problem else []
     return []
 
 
-@exercise_check(_split_on_rank)
+@exercise_check(_OwnComm(_split_on_rank))
 def check_split_nodes(split_nodes):
     """split_nodes(comm, nodes) must return (node_comm, leaders_comm): the ranks of this rank's node in comm's
     order, and the communicator of the node leaders (rank 0 of each node) on leaders, None elsewhere; then
