@@ -237,7 +237,7 @@ def test_the_scaling_benchmark_prints_its_three_tables(n):
         assert all(f"| {60 * p:>11} |" in row for row in rows), rows                  # weak: 60 examples per rank
     for size in ("8 B", "64 KB"):
         rows = rows_of(out, size)
-        assert len(rows) == 1 and rows[0].count("x)") == 3, out
+        assert len(rows) == 1 and rows[0].count("x)") == 4, out   # ring, levels, checked ring, hierarchical vs MPI
     for label in COMPRESSORS:
         rows = rows_of(out, label)
         assert len(rows) == 1 and "points" in rows[0], out

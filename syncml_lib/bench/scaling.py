@@ -10,7 +10,8 @@ Three tables:
    example and the fixed cost of a step fitted to the two 1-rank runs, DEFAULT_PARAMS and the machine's
    cores);
 2. hierarchical_allreduce (two ranks per node) against the flat ring, each with its ratio to MPI's own
-   Allreduce measured in the same rounds (bench/common.time_calls);
+   Allreduce measured in the same rounds (bench/common.time_calls), in pairs that make the same checks
+   (hierarchy_calls);
 3. every compressor of compression.py in chapter 06's training: bytes sent per rank per step, the
    saving, test accuracy, and the step time.
 """
@@ -62,33 +63,55 @@ def print_scaling(name, rows):
                   f"{r['efficiency']:.2f}"] for r in rows])
 
 
-def hierarchical_rows(comm, sizes, repeat):
-    node_comm, leaders_comm = split_nodes(comm, two_per_node(comm.size))  # kept for "levels"
+def hierarchy_calls(comm, node_comm, leaders_comm, x, out, nodes):
+    """The allreduces timed against each other, in pairs that do the same checks (like for like):
+
+        flat ring            allreduce(check=False)     against  levels (allreduce_in_levels: no checks,
+                                                                 communicators split once and kept)
+        flat ring, checked   allreduce(check=True)      against  hierarchical (hierarchical_allreduce: the
+                             (one pickled allgather)             same allgather, and two comm.Split per call)
+        MPI Allreduce        comm.Allreduce(x, out), checking nothing either
+
+    node_comm and leaders_comm come from split_nodes(comm, nodes). Each call is collective on comm."""
+    return {"MPI Allreduce": lambda: comm.Allreduce(x, out),
+            "flat ring": lambda: allreduce(comm, x, algorithm="ring", check=False),
+            "levels": lambda: allreduce_in_levels(node_comm, leaders_comm, x),
+            "flat ring, checked": lambda: allreduce(comm, x, algorithm="ring", check=True),
+            "hierarchical": lambda: hierarchical_allreduce(comm, x, nodes=nodes)}
+
+
+def hierarchical_rows(comm, sizes, repeat, nodes=None):
+    """For each size in bytes, {name: median seconds of the slowest rank} of every hierarchy_calls call,
+    all timed in the same rounds (bench/common.time_calls), and nbytes. Chapter 07 runs this too."""
+    nodes = two_per_node(comm.size) if nodes is None else list(nodes)
+    node_comm, leaders_comm = split_nodes(comm, nodes)  # kept for "levels"
     rows = []
-    for nbytes in sizes:
-        x = np.random.default_rng(comm.rank).random(max(1, nbytes // 8))
-        out = np.empty_like(x)
-        row = time_calls(comm, {"MPI Allreduce": lambda: comm.Allreduce(x, out),
-                                "flat ring": lambda: allreduce(comm, x, algorithm="ring", check=False),
-                                "hierarchical": lambda: hierarchical_allreduce(comm, x),
-                                "levels": lambda: allreduce_in_levels(node_comm, leaders_comm, x)},
-                         repeats_for(nbytes, repeat))
-        rows.append(dict(row, nbytes=x.nbytes))
-    node_comm.Free()
-    if leaders_comm is not None:
-        leaders_comm.Free()
+    try:
+        for nbytes in sizes:
+            x = np.random.default_rng(comm.rank).random(max(1, nbytes // 8))
+            out = np.empty_like(x)
+            row = time_calls(comm, hierarchy_calls(comm, node_comm, leaders_comm, x, out, nodes), repeats_for(nbytes, repeat))
+            rows.append(dict(row, nbytes=x.nbytes))
+    finally:
+        node_comm.Free()
+        if leaders_comm is not None:
+            leaders_comm.Free()
     return rows
 
 
 def print_hierarchical(rows, p):
-    nodes = [r // 2 for r in range(p)]
+    nodes = two_per_node(p)
     print(f"\nhierarchical allreduce, nodes {nodes}, against the flat ring on {p} ranks: median of the slowest rank "
-          f"(ratio to MPI Allreduce, same rounds). hierarchical_allreduce splits comm at every call; "
-          f"allreduce_in_levels runs on communicators split once")
-    print_table(["size", "MPI Allreduce", "flat ring", "hierarchical_allreduce", "allreduce_in_levels", "levels / flat"],
+          f"(ratio to MPI Allreduce, same rounds), each pair with the same checks: allreduce_in_levels (communicators "
+          f"split once, no checks) against the ring with check=False; hierarchical_allreduce (one allgather of "
+          f"checks, two comm.Split per call) against the ring with check=True")
+    print_table(["size", "MPI Allreduce", "flat ring", "allreduce_in_levels", "levels / flat", "flat ring, checked",
+                 "hierarchical_allreduce", "hierarchical / checked"],
                 [[format_size(r["nbytes"]), format_time(r["MPI Allreduce"]),
-                  *(f"{format_time(r[k])} ({r[k] / r['MPI Allreduce']:.2f}x)" for k in ("flat ring", "hierarchical", "levels")),
-                  f"{r['levels'] / r['flat ring']:.2f}x"] for r in rows])
+                  *(f"{format_time(r[k])} ({r[k] / r['MPI Allreduce']:.2f}x)" for k in ("flat ring", "levels")),
+                  f"{r['levels'] / r['flat ring']:.2f}x",
+                  *(f"{format_time(r[k])} ({r[k] / r['MPI Allreduce']:.2f}x)" for k in ("flat ring, checked", "hierarchical")),
+                  f"{r['hierarchical'] / r['flat ring, checked']:.2f}x"] for r in rows])
 
 
 def compression_rows(comm, epochs):
