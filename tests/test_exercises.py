@@ -963,6 +963,14 @@ def average_keeping_its_own_from_the_second_run(comm, params):
     return right_average(comm, params)
 
 
+def average_parameters_by_pickle(comm, params):
+    return {name: comm.allreduce(value) / comm.size for name, value in params.items()}
+
+
+def average_over_p_minus_one(comm, params):
+    return {name: total / (comm.size - 1) for name, total in summed_over_ranks(comm, params).items()}
+
+
 def test_average_parameters_check_names_each_classic_mistake():
     with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: trial 0: W\[\d, \d\] is .*, expected .*: that is the sum "
                                                  r"over the ranks, not divided by their number p = 3"):
@@ -980,6 +988,24 @@ def test_average_parameters_check_names_each_classic_mistake():
         checks.check_average_parameters(lambda comm, params: params, n=1)  # the right values on 1 rank
     with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: did not finish within 5s"):
         checks.check_average_parameters(average_skipped_by_rank_one, n=3, timeout=5)
+    with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1, 2: trial 0: W\[\d, \d\] is .*, expected .*: that is the sum "
+                                                 r"over the ranks divided by p - 1 = 2: divide by p = 3, the number of "
+                                                 r"ranks whose parameters the sum holds \(this rank's own included\)"):
+        checks.check_average_parameters(average_over_p_minus_one, n=3)
+    with pytest.raises(checks.CheckFailed, match=r"that is the sum over the ranks, not divided by their number p = 2 "
+                                                 r"\(or divided by p - 1 = 1\)"):
+        checks.check_average_parameters(average_over_p_minus_one, n=2)
+
+
+def test_both_averaging_checks_refuse_arrays_sent_through_the_pickle_based_allreduce():
+    """One rule for exercises 1 and 2 of chapter 06: right values, but arrays through comm.allreduce."""
+    for check, answer in ((checks.check_weighted_average, average_by_pickle),
+                          (checks.check_average_parameters, average_parameters_by_pickle)):
+        with pytest.raises(checks.CheckFailed, match=r"ranks 0, 1: trial 0( \(examples by rank \[\d, \d\]\))?: your "
+                                                     r"function sent arrays through the pickle-based comm.allreduce, "
+                                                     r"which pickles and copies every array: use the buffer-based "
+                                                     r"comm.Allreduce\(send, recv\) for arrays"):
+            check(answer, n=2)
 
 
 def test_average_parameters_check_runs_local_sgd_with_h_4_too():

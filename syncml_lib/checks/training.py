@@ -242,6 +242,16 @@ class _PickleWatch:
         return watched
 
 
+def _pickled_problem(watch, small):
+    """The one rule of both averaging exercises: arrays travel by the buffer-based calls. A problem if the
+    learner's function sent arrays through a pickle-based (lower-case) collective of `watch`, else None."""
+    if not watch.pickled:
+        return None
+    return (f"your function sent arrays through the pickle-based comm.{watch.pickled[0]}, which pickles and copies "
+            f"every array: use the buffer-based comm.Allreduce(send, recv) for arrays, and keep lower-case calls for "
+            f"small values{small}")
+
+
 def _weighted_trial(own, weighted_average, trial):
     """The problem of the learner's weighted_average in one trial, or None."""
     counts, examples = weighted_inputs(trial, own.size)
@@ -253,10 +263,7 @@ def _weighted_trial(own, weighted_average, trial):
     problem = (f"your function {error}" if error else
                _malformed(got, grads, "grads") or _changed(means[own.rank], grads, "grads")
                or _alone_problem(got, expected, _weighted_candidates(counts, means, own.rank)))
-    if problem is None and watch.pickled:
-        problem = (f"your function sent arrays through the pickle-based comm.{watch.pickled[0]}, which pickles "
-                   f"and copies every gradient: use the buffer-based comm.Allreduce(send, recv) for arrays, and "
-                   f"keep lower-case calls for small values such as n_local")
+    problem = problem or _pickled_problem(watch, " such as n_local")
     return problem and f"trial {trial} (examples by rank {counts}): {problem}"
 
 
@@ -291,8 +298,13 @@ def average_inputs(trial, size):
 
 def _average_candidates(everyone, rank):
     p = len(everyone)
-    candidates = [({name: sum(x[name] for x in everyone) for name in SHAPES},
-                   f"that is the sum over the ranks, not divided by their number p = {p}")]
+    summed = {name: sum(x[name] for x in everyone) for name in SHAPES}
+    candidates = [(summed, f"that is the sum over the ranks, not divided by their number p = {p}"
+                           + (" (or divided by p - 1 = 1)" if p == 2 else ""))]
+    if p > 2:
+        candidates.append(({name: summed[name] / (p - 1) for name in SHAPES},
+                           f"that is the sum over the ranks divided by p - 1 = {p - 1}: divide by p = {p}, the number "
+                           f"of ranks whose parameters the sum holds (this rank's own included)"))
     for other in sorted({(rank + 1) % p, (rank - 1) % p} - {rank}):
         candidates.append(({name: (everyone[rank][name] + everyone[other][name]) / 2 for name in SHAPES},
                            f"that is the mean of this rank's and rank {other}'s parameters only: every rank must get "
@@ -306,12 +318,14 @@ def _average_trial(own, average_parameters, trial):
     everyone = average_inputs(trial, own.size)
     params = {name: x.copy() for name, x in everyone[own.rank].items()}
     expected = {name: np.mean([x[name] for x in everyone], axis=0) for name in SHAPES}
-    got, error = _call(average_parameters, own, params)
+    watch = _PickleWatch(own)
+    got, error = _call(average_parameters, watch, params)
     problem = (f"your function {error}" if error else
                _malformed(got, params, "params") or _changed(everyone[own.rank], params, "params")
                or _alone_problem(got, expected, _average_candidates(everyone, own.rank)))
     if problem is None and any(np.shares_memory(got[name], params[name]) for name in params):
         problem = "your function returned params' own arrays: return new ones"
+    problem = problem or _pickled_problem(watch, "")
     return problem and f"trial {trial}: {problem}"
 
 
