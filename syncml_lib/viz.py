@@ -306,23 +306,65 @@ def plot_task_timeline(trace, n_workers, title=None, ax=None, reassigned=()):
 
 # ----------------------------------------------------------------------------- chapter 06: training runs
 
-def plot_training_curves(runs, window=10):
+def _equal_by_step(a, b, same):
+    """Two runs with the same steps, losses and test accuracies (within `same`)."""
+    def curve(run):
+        return ([row["step"] for row in run.history], [e["step"] for e in run.evaluations],
+                np.array([row["loss"] for row in run.history]), np.array([e["test_accuracy"] for e in run.evaluations]))
+    (steps_a, evals_a, loss_a, acc_a), (steps_b, evals_b, loss_b, acc_b) = curve(a), curve(b)
+    return (steps_a == steps_b and evals_a == evals_b and np.allclose(loss_a, loss_b, rtol=0, atol=same)
+            and np.allclose(acc_a, acc_b, rtol=0, atol=same))
+
+
+def _wrap_labels(labels, width):
+    """The labels joined by ", " in lines of at most `width` characters, never breaking a label."""
+    lines = [labels[0]]
+    for label in labels[1:]:
+        if len(lines[-1]) + 2 + len(label) <= width:
+            lines[-1] += ", " + label
+        else:
+            lines[-1] += ","
+            lines.append(label)
+    return "\n".join(lines)
+
+
+def plot_training_curves(runs, window=10, same=1e-9):
     """Loss and test accuracy of training runs against the step (left) and against wall time (right),
-    one line per run, in one figure 9.5 inches wide. runs: label -> a training.TrainResult (or anything
-    with its history and evaluations). The loss drawn is the mean over the last `window` steps (one
-    step's loss is one batch's: noisy); the test accuracy is measured after each epoch. Runs that are
-    the same up to rounding draw the same line: the last drawn hides the others. Returns the Figure."""
+    in one figure 9.5 inches wide. runs: label -> a training.TrainResult (or anything with its history
+    and evaluations). The loss drawn is the mean over the last `window` steps (one step's loss is one
+    batch's: noisy); the test accuracy is measured after each epoch. Against time, one line per run,
+    in the run's colour (the figure's legend). Against the step, runs whose losses and accuracies agree
+    within `same` at every step are one line, black and named after all of them (the axes' own
+    legend), under the others: drawn one by one, only the last would be seen. Returns the Figure."""
     fig, axes = plt.subplots(2, 2, figsize=(9.5, 5.8), sharey="row")
-    for i, (label, run) in enumerate(runs.items()):
-        style = dict(color=plt.get_cmap("tab10")(i % 10), lw=1.2, label=label)
+    groups = []                                                    # labels of the runs equal step by step
+    for label, run in runs.items():
+        group = next((g for g in groups if _equal_by_step(runs[g[0]], run, same)), None)
+        if group is None:
+            groups.append([label])
+        else:
+            group.append(label)
+    colour = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(runs)}
+
+    def draw(run, column, x, **style):
+        style.setdefault("lw", 2.6 if style["color"] == "black" else 1.2)
         loss = np.array([row["loss"] for row in run.history])
         mean = np.convolve(loss, np.ones(window) / window, mode="valid")  # steps window-1 .. last
-        ends = slice(window - 1, None)
-        axes[0, 0].plot([row["step"] for row in run.history][ends], mean, **style)
-        axes[0, 1].plot([row["time"] for row in run.history][ends], mean, **style)
-        for ax, x in ((axes[1, 0], "step"), (axes[1, 1], "time")):
-            ax.plot([e[x] for e in run.evaluations], [e["test_accuracy"] for e in run.evaluations], "o-", ms=3,
-                    **style)
+        axes[0, column].plot([row[x] for row in run.history][window - 1:], mean, **style)
+        axes[1, column].plot([e[x] for e in run.evaluations], [e["test_accuracy"] for e in run.evaluations], "o-",
+                             ms=3, **style)
+
+    for label, run in runs.items():
+        draw(run, 1, "time", color=colour[label], label=label)
+    for group in groups:  # a shared line goes under the others, wider: the runs near it stay visible
+        if len(group) == 1:
+            draw(runs[group[0]], 0, "step", color=colour[group[0]], label=group[0], zorder=3)
+        else:
+            draw(runs[group[0]], 0, "step", color="black", label=f"{len(group)} runs, equal at every step:\n"
+                 + _wrap_labels(group, 48), zorder=2, alpha=0.75)
+    shared = [(line, line.get_label()) for line in axes[0, 0].get_lines() if line.get_color() == "black"]
+    if shared:
+        axes[0, 0].legend(*zip(*shared), fontsize=7, loc="upper right", frameon=False)
     axes[0, 0].set_ylabel(f"loss (mean of {window} steps)")
     axes[1, 0].set_ylabel("test accuracy")
     axes[1, 0].set_xlabel("step")
@@ -331,7 +373,7 @@ def plot_training_curves(runs, window=10):
         ax.grid(alpha=0.3)
     axes[0, 0].set_yscale("log")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.legend(*axes[0, 1].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     return fig
 
 

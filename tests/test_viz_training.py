@@ -65,3 +65,23 @@ def test_bytes_per_step_draw_measured_bars_formula_ticks_and_say_what_was_not_co
     assert any("not counted" in text.get_text() for text in ax.texts)
     assert png_width(ax.figure) <= NOTEBOOK_WIDTH
     plt.close("all")
+
+
+def test_training_curves_draw_runs_equal_at_every_step_as_one_line_named_after_all_of_them():
+    # chapter 06: six runs equal step by step were drawn on top of each other, only the last visible
+    same = fake_run(40, 0)
+    later = SimpleNamespace(history=[dict(row, time=2 * row["time"]) for row in same.history],
+                            evaluations=[dict(e, time=2 * e["time"]) for e in same.evaluations])
+    runs = {"reference": same, "other": fake_run(40, 1), "allreduce": later}
+    fig = plot_training_curves(runs, window=5)
+    loss_by_step, loss_by_time, accuracy_by_step, accuracy_by_time = fig.axes
+    for ax in (loss_by_step, accuracy_by_step):                   # by step: "reference" and "allreduce" are one line
+        assert len(ax.get_lines()) == 2
+    for ax in (loss_by_time, accuracy_by_time):                   # by time they differ: a line each
+        assert len(ax.get_lines()) == 3
+    shared = [line for line in loss_by_step.get_lines() if "reference" in line.get_label()]
+    assert len(shared) == 1 and "allreduce" in shared[0].get_label()
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == list(runs)   # every run has its colour
+    named = " ".join(text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts())
+    assert "reference" in named and "allreduce" in named and "other" not in named
+    assert png_width(fig) <= NOTEBOOK_WIDTH
