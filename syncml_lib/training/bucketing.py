@@ -1,4 +1,4 @@
-"""Bucketing and overlap: reduce the gradient in buckets of layers, the first ones while backward still runs.
+"""Bucketing and overlap: reduce the gradient in buckets of layers, each started as soon as backward produced it.
 
 The backward pass gives the last layer's gradient first. Instead of one allreduce of the whole
 gradient after the backward pass, the layers are grouped, in backward order, into buckets of at most
@@ -21,7 +21,11 @@ rank still fills its bucket (with NaN, see loop.py), so no rank skips a bucket.
 
 MPICH makes progress on a nonblocking collective only inside MPI calls of the same process (no
 progress thread), so after each layer the outstanding requests are tested (MPI_Testall), which moves
-them on. The bytes these collectives send are MPI's business: they are not counted (bytes_sent None).
+them on, between layers only: a layer's backward is one numpy call, and the copies through shared
+memory are this rank's core's work, whenever they are done. So here overlap gives the same model but
+hides little or no communication; overlap.py measures when starting early does hide it (the backward
+pass done elsewhere, the reductions polled or moved by MPICH's progress thread).
+The bytes these collectives send are MPI's business: they are not counted (bytes_sent None).
 """
 import time
 
