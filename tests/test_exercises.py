@@ -652,7 +652,9 @@ def test_ready_tasks_check_names_each_classic_mistake():
                                                  r"\['plot'\]: 'clean' is running already"):
         checks.check_ready_tasks(ignores_running)
     with pytest.raises(checks.CheckFailed, match=r"returned \['train b', 'evaluate', 'plot'\], expected "
-                                                 r"\['train b', 'plot'\]: 'evaluate' needs 'train b' too"):
+                                                 r"\['train b', 'plot'\]: 'evaluate' still waits for 'train b', which "
+                                                 r"has not finished: 'train a' has finished, but every task it depends "
+                                                 r"on must have \(all, not any\)$"):
         checks.check_ready_tasks(any_dependency)
     with pytest.raises(checks.CheckFailed, match=r"the right tasks, but keep the queue's order"):
         checks.check_ready_tasks(sorted_by_name)
@@ -668,14 +670,50 @@ def test_ready_tasks_check_runs_the_scheduler_and_names_a_task_that_started_too_
                         problem), problem
 
 
+def requeue_removing_while_looping(lost, attempts, retries):
+    """The mistake: again.remove(t) inside `for t in again` skips the task after each one removed."""
+    again, given_up = list(lost), []
+    for t in again:
+        if attempts[t] > retries:
+            again.remove(t)
+            given_up.append(t)
+    return again, given_up
+
+
 def test_requeue_lost_check_names_a_lost_task_and_runs_the_scheduler():
     with pytest.raises(checks.CheckFailed, match=r"returned \(\[\], \[\]\): task 'a' is in neither list, so it is lost"):
         checks.check_requeue_lost(lambda lost, attempts, retries: ([], []))
-    with pytest.raises(checks.CheckFailed, match=r"'a' has been on 3 = retries \+ 1 engines that died"):
+    with pytest.raises(checks.CheckFailed, match=r"requeue_lost\(lost=\['a'\], attempts=\{'a': 3\}, retries=2\) returned "
+                                                 r"\(\['a'\], \[\]\), expected \(\[\], \['a'\]\): 'a' has had "
+                                                 r"attempts\['a'\] = 3 > retries = 2: it has been on 3 engines that died, "
+                                                 r"so it is given up$"):
         checks.check_requeue_lost(lambda lost, attempts, retries: ([t for t in lost if attempts[t] < retries + 2], []))
     from syncml_lib.checks.engines import _dying_run
     (problem,) = _dying_run(lambda lost, attempts, retries: ([t for t in lost if attempts[t] <= retries], []))
     assert "requeue_lost dropped ['item 9']: neither run again nor given up" in problem, problem
+
+
+@pytest.mark.parametrize("answer, message", [
+    (requeue_removing_while_looping,
+     r"requeue_lost\(lost=\['a', 'b'\], attempts=\{'a': 2, 'b': 2\}, retries=1\) returned \(\['b'\], \['a'\]\), expected "
+     r"\(\[\], \['a', 'b'\]\): 'b' has had attempts\['b'\] = 2 > retries = 1: it has been on 2 engines that died, so "
+     r"it is given up; it comes right after 'a', which you gave up: removing 'a' from a list while a for loop walks "
+     r"over that list makes the loop skip the next task, 'b'; build new lists instead"),
+    (lambda lost, attempts, retries: ([t for t in lost if attempts[t] > retries], [t for t in lost if attempts[t] <= retries]),
+     r"requeue_lost\(lost=\['a'\], attempts=\{'a': 1\}, retries=2\) returned \(\[\], \['a'\]\), expected \(\['a'\], "
+     r"\[\]\): the two lists are swapped \(in all 7 cases\); return \(again, given_up\), the tasks that go back to the "
+     r"queue first$"),
+    (lambda lost, attempts, retries: ([t for t in lost if attempts[t] < retries], [t for t in lost if attempts[t] >= retries]),
+     r"requeue_lost\(lost=\['a'\], attempts=\{'a': 2\}, retries=2\) returned \(\[\], \['a'\]\), expected \(\['a'\], "
+     r"\[\]\): 'a' has had attempts\['a'\] = 2 <= retries = 2, so it goes back to the queue$"),
+    (lambda lost, attempts, retries: (sorted(t for t in lost if attempts[t] <= retries)[::-1],
+                                      [t for t in lost if attempts[t] > retries]),
+     r"returned \(\['c', 'a'\], \['b'\]\), expected \(\['a', 'c'\], \['b'\]\): the right tasks in each list, but keep "
+     r"the order of lost$"),
+], ids=["remove while looping", "swapped", "off by one", "order"])
+def test_requeue_lost_check_names_each_classic_mistake(answer, message):
+    with pytest.raises(checks.CheckFailed, match=message):
+        checks.check_requeue_lost(answer)
 
 
 def test_a_kernel_side_check_gives_up_on_an_endless_loop():

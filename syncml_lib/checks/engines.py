@@ -12,7 +12,7 @@ import signal
 import tempfile
 import threading
 
-from .harness import TIMEOUT, CheckFailed, _in_place_of, _table
+from .harness import TIMEOUT, CheckFailed, _call, _in_place_of, _table
 
 __all__ = ["check_ready_tasks", "check_requeue_lost"]
 
@@ -37,15 +37,51 @@ def _report(title, problems):
     print(f"{title}: passed.")
 
 
+def _names(tasks):
+    return " and ".join(map(repr, tasks))
+
+
+def _why_not_ready(task, depends_on, finished, running):
+    """Why `task` cannot start now: the one rule it breaks."""
+    if task in running:
+        return f"{task!r} is running already: do not hand it out again"
+    if task in finished:
+        return f"{task!r} has finished: do not hand it out again"
+    waiting = [d for d in depends_on[task] if d not in finished]
+    done = [d for d in depends_on[task] if d in finished]
+    text = f"{task!r} still waits for {_names(waiting)}, which {'has' if len(waiting) == 1 else 'have'} not finished"
+    if done:
+        text += (f": {_names(done)} {'has' if len(done) == 1 else 'have'} finished, but every task it depends on "
+                 f"must have (all, not any)")
+    return text
+
+
 def _judge_ready(args, got, expected, why):
+    """What is wrong with ready_tasks(*args) = got: the first task that should not be there (and the rule it
+    breaks), or the first ready task that is missing, or the order. (`why` documents the case.)"""
+    queue, depends_on, finished, running = args
     if not isinstance(got, (list, tuple)):
         return f"returned {type(got).__name__}: return a list of tasks, in the queue's order"
     got = list(got)
     if got == expected:
         return None
+    shown = f"returned {got}, expected {expected}"
+    twice = [t for t in got if got.count(t) > 1]
+    if twice:
+        return f"{shown}: {twice[0]!r} is there {got.count(twice[0])} times"
+    strangers = [t for t in got if t not in queue]
+    if strangers:
+        return f"{shown}: {strangers[0]!r} is not in the queue"
     if sorted(got) == sorted(expected):
-        return f"returned {got}, expected {expected}: the right tasks, but keep the queue's order"
-    return f"returned {got}, expected {expected}: {why}"
+        return f"{shown}: the right tasks, but keep the queue's order"
+    extra = [t for t in got if t not in expected]
+    if extra:
+        return f"{shown}: {_why_not_ready(extra[0], depends_on, finished, running)}"
+    missing = next(t for t in expected if t not in got)
+    deps = depends_on[missing]
+    because = (f"{_names(deps)}, which it depends on, {'has' if len(deps) == 1 else 'have'} finished" if deps
+               else "it depends on nothing")
+    return f"{shown}: {missing!r} can start: it is neither running nor finished, and {because}"
 
 
 @contextlib.contextmanager
@@ -136,23 +172,46 @@ REQUEUE_CASES = (  # (lost, attempts, retries), (again, given_up), why
     ((["a", "b", "c"], {"a": 1, "b": 2, "c": 1}, 1), (["a", "c"], ["b"]),
      "with retries=1 a task gets 2 attempts: 'b' has had both"),
     ((["a"], {"a": 1}, 0), ([], ["a"]), "retries=0: one attempt, no retry"),
+    ((["a", "b"], {"a": 2, "b": 2}, 1), ([], ["a", "b"]),
+     "with retries=1 both have had their 2 attempts: give both up"),
+    ((["a", "b", "c", "d"], {"a": 3, "b": 3, "c": 1, "d": 3}, 2), (["c"], ["a", "b", "d"]),
+     "'a', 'b' and 'd' have had retries + 1 = 3 attempts; 'c' one"),
 )
 
 
 def _judge_requeue(args, got, expected, why):
-    lost = args[0]
+    """What is wrong with requeue_lost(*args) = got: a task lost or in both lists, the first task in the wrong
+    list and the rule (with the loop that skips a task after a remove), or the order. (`why` documents the
+    case.)"""
+    lost, attempts, retries = args
     if not (isinstance(got, tuple) and len(got) == 2):
         return "returned something that is not a pair: return (again, given_up), two lists"
     again, given_up = list(got[0]), list(got[1])
+    shown = f"returned ({again}, {given_up})"
     missing = [t for t in lost if t not in again and t not in given_up]
     if missing:
-        return f"returned ({again}, {given_up}): task {missing[0]!r} is in neither list, so it is lost"
+        return f"{shown}: task {missing[0]!r} is in neither list, so it is lost"
     both = [t for t in lost if t in again and t in given_up]
     if both:
-        return f"returned ({again}, {given_up}): task {both[0]!r} is in both lists"
-    if (again, given_up) != (list(expected[0]), list(expected[1])):
-        return f"returned ({again}, {given_up}), expected {expected}: {why}"
-    return None
+        return f"{shown}: task {both[0]!r} is in both lists"
+    expected = (list(expected[0]), list(expected[1]))
+    if (again, given_up) == expected:
+        return None
+    for t in again:
+        if attempts[t] > retries:
+            text = (f"{shown}, expected {tuple(expected)}: {t!r} has had attempts[{t!r}] = {attempts[t]} > retries "
+                    f"= {retries}: it has been on {attempts[t]} engines that died, so it is given up")
+            before = lost[lost.index(t) - 1] if lost.index(t) > 0 else None
+            if before in given_up:
+                text += (f"; it comes right after {before!r}, which you gave up: removing {before!r} from a list "
+                         f"while a for loop walks over that list makes the loop skip the next task, {t!r}; build "
+                         f"new lists instead (e.g. two list comprehensions over lost)")
+            return text
+    for t in given_up:
+        if attempts[t] <= retries:
+            return (f"{shown}, expected {tuple(expected)}: {t!r} has had attempts[{t!r}] = {attempts[t]} <= retries "
+                    f"= {retries}, so it goes back to the queue")
+    return f"{shown}, expected {tuple(expected)}: the right tasks in each list, but keep the order of lost"
 
 
 def _dying_run(requeue_lost):
@@ -191,14 +250,30 @@ def _square_or_die(i, folder):
     return i * i
 
 
+def _describe_requeue(i, args):
+    return f"requeue_lost(lost={args[0]}, attempts={args[1]}, retries={args[2]})"
+
+
+def _swapped(requeue_lost):
+    """[the problem] if requeue_lost returns (given_up, again) in every case, else []. Taken case by case,
+    a swap of one task's lists looks like the wrong rule, so the whole table decides."""
+    for args, expected, _ in REQUEUE_CASES:
+        got, error = _call(requeue_lost, *args)
+        if error or not (isinstance(got, tuple) and len(got) == 2) or \
+                (list(got[1]), list(got[0])) != (list(expected[0]), list(expected[1])):
+            return []
+    (args, expected, _), got = REQUEUE_CASES[0], requeue_lost(*REQUEUE_CASES[0][0])
+    return [f"{_describe_requeue(0, args)} returned ({list(got[0])}, {list(got[1])}), expected {expected}: the two "
+            f"lists are swapped (in all {len(REQUEUE_CASES)} cases); return (again, given_up), the tasks that go "
+            f"back to the queue first"]
+
+
 def check_requeue_lost(requeue_lost, timeout=TIMEOUT):
     """requeue_lost(lost, attempts, retries) must return (again, given_up): the lost tasks with
     attempts[task] <= retries go back to the queue, the others are given up; none lost, none in both."""
     __tracebackhide__ = True
     with _time_limit(timeout, "check_requeue_lost"):
-        problems = _table(requeue_lost, REQUEUE_CASES,
-                          lambda i, args: f"requeue_lost(lost={args[0]}, attempts={args[1]}, retries={args[2]})",
-                          _judge_requeue)
+        problems = _swapped(requeue_lost) or _table(requeue_lost, REQUEUE_CASES, _describe_requeue, _judge_requeue)
         problems = problems or _dying_run(requeue_lost)
     _report("check_requeue_lost", problems)
 
