@@ -11,13 +11,18 @@
 
 The master is the loop in `run` (called by map, result and wait), one step at a time:
 
-1. Check the graph of the tasks not run yet: a dependency that is not a task of this scheduler, or a
-   cycle, is a GraphError before anything runs.
+1. Check the graph of the tasks not run yet: a dependency named in after= that is not a task of this
+   scheduler, or a cycle, is a GraphError before anything runs. A future of another EngineScheduler is
+   refused at submit (GraphError naming it): pass its result instead, `other.result()`.
 2. The ready tasks are those whose dependencies have all finished. Order them by critical path: a task's
    priority is its cost plus the largest priority among the tasks that wait for it (the longest chain of
-   work it still holds up); order="arrival" keeps the order of submission instead.
-3. Every idle engine gets the first ready task (dynamic self-scheduling, one task per engine at a time;
-   per_engine=2 sends each engine a second one to start as soon as the first ends).
+   work it still holds up), computed once per run from the tasks without dependents back to the first
+   ones, O(tasks + dependencies) and no recursion; order="arrival" keeps the order of submission instead.
+3. Every engine with a free place gets the first ready task (dynamic self-scheduling). per_engine=2 keeps
+   two tasks on each engine, one running and one to start as soon as it ends; per_engine=1 sends an
+   engine its next task only after its reply. The default, per_engine=None, is 2 when no task waits for
+   another (a map, independent tasks) and 1 for a graph, where a task that becomes ready, perhaps the
+   next link of the critical path, would otherwise wait behind one already sent.
 4. Wait for the first attempt to end (ipyparallel's AsyncResults are concurrent.futures Futures):
    - it returned: keep its result (once); its dependents may become ready;
    - it raised: the task fails, and so does every task that depends on it, naming it (no retry: a bug
@@ -25,15 +30,30 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
    - its engine died (ipyparallel's EngineError, which the engine's nanny reports at once): the engine is
      gone; the task goes back to the ready tasks, and after retries + 1 dead engines it fails by name
      (a task that was only waiting on that engine, per_engine > 1, goes back without using a retry).
+     The engine ran its tasks in the order sent, so the one that killed it is the first without a reply.
+     ipyparallel fails every task still out on an engine when it hears of the death, and the reply of a
+     task that had finished can arrive after that (`Client._handle_stranded_msgs` says so). When a dead
+     engine held two tasks or more, the master therefore waits up to LATE_REPLY seconds for such replies
+     before it charges the death (the other engines keep working meanwhile): a late reply is kept as the
+     task's result, and the death is charged to the first task that never replied.
 5. Engines that register meanwhile (replacements) join the idle ones, and a retried task may go to any
    engine alive, one it has run on before included.
 
-Cost: two messages per task through ipyparallel's controller (about a millisecond each way here); with
-one task per engine at a time an engine waits a round trip through this kernel between tasks, which
-dominates tiny tasks (per_engine=2 hides it, at the price of a task sometimes waiting behind a long one
-while another engine is free). The master's work per step is O(engines) for a map.
+Cost: two messages per task through ipyparallel's controller (about a millisecond each way here). With
+per_engine=1 an engine waits a round trip through this kernel between tasks, which dominates tiny tasks;
+per_engine=2 (the default for independent tasks) sends each engine its next task while it runs one, so
+it starts it at once (README: the engines benchmark). What per_engine=2 costs: a task can wait behind a
+long one on its engine while another engine is free (at the end of a map of uneven tasks), and a death
+on an engine that held two tasks is charged only after the LATE_REPLY wait (per_engine=1 retries at
+once). The master's work per step (one pass of the loop in `run`) is O(engines) for a map: the engines,
+the attempts out, and the front of the queue until every free place has a ready task; a finished task
+leaves the pending tasks, the queue (lazily) and the tasks waited for in O(1). In a graph the queue's
+front can also hold tasks still waiting for dependencies: the step passes over those too (ready_tasks
+is asked WINDOW of them at a time). Checking the graph and ordering it cost O(tasks + dependencies) once
+per call of run.
 
-Ctrl-C (Kernel > Interrupt) sends SIGINT to the engines running tasks, waits for them (5 s at most),
+Ctrl-C (Kernel > Interrupt) aborts the tasks waiting on the engines, sends SIGINT to the engines running
+tasks, waits for them (5 s at most),
 marks the unfinished tasks cancelled and raises KeyboardInterrupt saying how far it got; the engines
 stay usable.
 """
@@ -54,7 +74,8 @@ class TaskFailed(Exception):
 
 
 class GraphError(ValueError):
-    """The task graph cannot run: a dependency that is not a task of this scheduler, or a cycle."""
+    """The task graph cannot run: a dependency that is not a task of this scheduler (a future of another
+    scheduler is refused at submit), or a cycle."""
 
 
 class TaskFuture:
@@ -130,20 +151,25 @@ def requeue_lost(lost, attempts, retries):
 class EngineScheduler:
     """Dynamic self-scheduling of tasks and task graphs over the engines of an ipyparallel Client."""
 
-    WINDOW = 64  # tasks of the queue looked at together when looking for ready ones
+    WINDOW = 64        # tasks of the queue looked at together when looking for ready ones
+    LATE_REPLY = 0.25  # seconds to wait for replies still on their way from a dead engine that held 2 tasks or more
 
-    def __init__(self, client, retries=2, order="critical path", engine_wait=5.0, per_engine=1):
+    def __init__(self, client, retries=2, order="critical path", engine_wait=5.0, per_engine=None):
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; valid orders are {', '.join(map(repr, ORDERS))}")
-        if not isinstance(per_engine, int) or per_engine < 1:
-            raise ValueError(f"per_engine must be an integer >= 1, got {per_engine!r}")
+        if per_engine is not None and (not isinstance(per_engine, int) or per_engine < 1):
+            raise ValueError(f"per_engine must be None (2 for independent tasks, 1 for a graph) or an integer "
+                             f">= 1, got {per_engine!r}")
         self.client, self.retries, self.order, self.engine_wait = client, retries, order, engine_wait
         self.per_engine = per_engine  # tasks sent to an engine at once: it runs one, the others wait there
-        self.pending = []             # submitted, not finished, in submission order
-        self.queue = []               # the pending tasks of the graph that runs, in hand-out order
+        self.depth = per_engine or 1  # the number in use: per_engine, or for None what run decides
+        self.pending = {}             # submitted, not finished, in submission order (a dict: removal in O(1))
+        self.queue = []               # the pending tasks of the graph that runs, in hand-out order (below)
+        self.dependents = {}          # pending task -> the pending tasks that depend on it (_check_graph)
         self.running = {}             # AsyncResult -> (task, engine, start time)
+        self.limbo = {}               # dead engine -> (until when, when its death was noticed, its attempts)
         self.engines = {}             # engine id -> (pid, hostname), the live ones this scheduler knows
         self.views = {}               # engine id -> a DirectView of that engine alone
         self.tasks = {}               # name -> TaskFuture, every task submitted with a name
@@ -153,13 +179,19 @@ class EngineScheduler:
         self.requeued = []            # names of the tasks put back in the queue after their engine died
         self.t0 = time.time()
         self._names = itertools.count()
+        # A finished task stays in the queue until the front passes it (_head) or the queue is compacted,
+        # once half of it is finished tasks (_stale of them): O(1) per task, amortized.
+        self._in_queue, self._head, self._stale = set(), 0, 0
+        self._just_finished = []      # tasks finished since the loop last looked (for the tasks it waits for)
 
     # ------------------------------------------------------------------ submitting
 
     def submit(self, fn, *args, after=(), name=None, cost=1.0):
         """A TaskFuture for fn(*args) on some engine, once every future in `after` and among `args` has
         finished (a future among args is replaced by its result). cost: an estimate in any unit, for the
-        critical-path order. Nothing runs until something waits (result, wait, map)."""
+        critical-path order. Nothing runs until something waits (result, wait, map). A future of another
+        EngineScheduler, among args or in after=, is refused (GraphError): that scheduler's loop, not this
+        one, would run it; pass its result, future.result(), instead."""
         if name is not None and name in self.tasks:
             raise ValueError(f"there is a task named {name!r} already")
         task = self._new_task(fn, args, after, name if name is not None else f"task {next(self._names)}", cost)
@@ -170,8 +202,14 @@ class EngineScheduler:
     def _new_task(self, fn, args, after, name, cost):
         if not callable(fn):
             raise TypeError(f"a task needs a function, got {type(fn).__name__}")
-        task = TaskFuture(self, name, fn, args, [after] if isinstance(after, (str, TaskFuture)) else after, cost)
-        self.pending.append(task)
+        after = [after] if isinstance(after, (str, TaskFuture)) else list(after)
+        for dep in list(args) + after:
+            if isinstance(dep, TaskFuture) and dep.scheduler is not self:
+                raise GraphError(f"task {name!r} depends on {dep.name!r}, a task of another EngineScheduler; "
+                                 f"nothing was submitted. Pass its result instead ({dep.name!r}'s "
+                                 f"future.result()), or submit both tasks to one scheduler")
+        task = TaskFuture(self, name, fn, args, after, cost)
+        self.pending[task] = None
         return task
 
     def map(self, fn, items, timeout=None):
@@ -192,46 +230,59 @@ class EngineScheduler:
 
     def run(self, wanted, timeout=None):
         """Run the loop until every task in `wanted` has finished (TimeoutError after `timeout` seconds)."""
+        self._just_finished = []
         try:
             self._check_graph()
         except GraphError as error:  # the graph never runs; the scheduler stays usable for the next one
             self._fail_everything_left(str(error))
             raise
-        # the order in which ready tasks are handed out; priorities are fixed while the graph runs (a task's
-        # dependents all finish after it), so the queue is sorted once (stable: ties keep arrival order)
         for task in list(self.pending):  # submitted after a task they depend on had failed
             failed = [d for d in task.depends_on if d._error is not None]
             if failed:
                 self._finish(task, error=TaskFailed(f"task {task.name!r} not run: it depends on "
                                                     f"{failed[0].name!r}, which failed"))
+        # the order in which ready tasks are handed out; priorities are fixed while the graph runs (a task's
+        # dependents all finish after it), so the queue is sorted once (stable: ties keep arrival order)
         self.queue = list(self.pending)
+        self._in_queue, self._head, self._stale = set(self.queue), 0, 0
+        if self.per_engine is None:  # 2 unless a task waits for another: then a graph
+            self.depth = 1 if any(not d.done() for t in self.pending for d in t.depends_on) else 2
         if self.order == "critical path":
-            priority = self.priorities()
+            priority = self.priorities(checked=True)
             self.queue.sort(key=lambda t: -priority[t])
+        left = {t for t in wanted if not t.done()}  # the tasks waited for and not finished: O(1) per finish
         deadline = None if timeout is None else time.monotonic() + timeout
         no_engine_since = None
         try:
-            while any(not t.done() for t in wanted):
+            while left:
                 self._join_new_engines()
+                self._settle_dead_engines()
                 self._hand_out()
                 if not self.running:
-                    if self.engines:
+                    if self.limbo:
+                        time.sleep(0.01)
+                    elif self.engines:
                         raise RuntimeError("nothing is running and nothing is ready: a bug in the scheduler")
-                    no_engine_since = no_engine_since or time.monotonic()
-                    if time.monotonic() - no_engine_since > self.engine_wait:
-                        self._fail_everything_left(f"no engine left alive (waited {self.engine_wait:.0f} s for one)")
-                    time.sleep(0.05)
+                    else:
+                        no_engine_since = no_engine_since or time.monotonic()
+                        if time.monotonic() - no_engine_since > self.engine_wait:
+                            self._fail_everything_left(f"no engine left alive (waited {self.engine_wait:.0f} s "
+                                                       f"for one)")
+                        time.sleep(0.05)
                 else:
                     no_engine_since = None
-                    self._collect(concurrent.futures.wait(list(self.running), timeout=0.5,
+                    self._collect(concurrent.futures.wait(list(self.running), timeout=0.02 if self.limbo else 0.5,
                                                           return_when=concurrent.futures.FIRST_COMPLETED).done)
-                if deadline is not None and time.monotonic() > deadline and any(not t.done() for t in wanted):
-                    raise TimeoutError(f"{sum(not t.done() for t in wanted)} tasks not finished after {timeout} s")
+                left.difference_update(self._just_finished)
+                self._just_finished.clear()
+                if deadline is not None and time.monotonic() > deadline and left:
+                    raise TimeoutError(f"{len(left)} tasks not finished after {timeout} s")
         except KeyboardInterrupt:
             self._interrupted()
 
     def _check_graph(self):
-        """Step 1: every dependency is a task of this scheduler, and there is no cycle."""
+        """Step 1: every dependency is a task of this scheduler, and there is no cycle. Also lists each
+        pending task's pending dependents (self.dependents). O(tasks + dependencies)."""
         for task in self.pending:
             for dep in task.after:
                 known = self.tasks.get(dep) if isinstance(dep, str) else dep
@@ -259,6 +310,11 @@ class EngineScheduler:
                 elif dep not in state and not dep.done():
                     state[dep] = "visiting"
                     stack.append((dep, iter(dep.depends_on)))
+        self.dependents = {t: [] for t in self.pending}
+        for t in self.pending:
+            for d in t.depends_on:
+                if d in self.dependents:
+                    self.dependents[d].append(t)
 
     def _join_new_engines(self):
         """Step 5: engines the client knows and we do not (at the start, and replacements) join."""
@@ -271,35 +327,40 @@ class EngineScheduler:
             except Exception:
                 self.dead.append(engine)  # it died while joining
 
-    def priorities(self):
-        """Each pending task's critical-path priority: its cost plus the largest priority of its dependents."""
-        self._check_graph()
-        dependents = {t: [] for t in self.pending}
-        for t in self.pending:
-            for d in t.depends_on:
-                if d in dependents:
-                    dependents[d].append(t)
+    def priorities(self, checked=False):
+        """Each pending task's critical-path priority: its cost plus the largest priority of its dependents.
+        Without recursion: a task's priority is computed once all its dependents' are, starting from the
+        tasks nothing depends on (Kahn's order, backwards); O(tasks + dependencies)."""
+        if not checked:
+            self._check_graph()
+        waiting = {t: len(self.dependents[t]) for t in self.pending}  # dependents whose priority is not known
+        order = [t for t in self.pending if waiting[t] == 0]
         priority = {}
-
-        def of(task):
-            if task not in priority:
-                priority[task] = task.cost + max((of(d) for d in dependents[task]), default=0.0)
-            return priority[task]
-        for t in self.pending:
-            of(t)
+        for task in order:                   # the list grows while it is read
+            priority[task] = task.cost + max((priority[d] for d in self.dependents[task]), default=0.0)
+            for dep in task.depends_on:
+                if dep in waiting:
+                    waiting[dep] -= 1
+                    if waiting[dep] == 0:
+                        order.append(dep)
         return priority
 
     def _hand_out(self):
-        """Steps 2 and 3: each idle engine gets the next ready task of the queue (with per_engine > 1, up to
+        """Steps 2 and 3: each idle engine gets the next ready task of the queue (with self.depth > 1, up to
         that many each, first one for every engine). ready_tasks is asked about the queue a window at a time,
-        only until every free place has a task (a long map stays cheap)."""
+        from its first unfinished task, only until every free place has a task (a long map stays cheap)."""
         held = {engine: 0 for engine in self.engines}
         for _, engine, _ in self.running.values():
             held[engine] += 1
-        places = [engine for depth in range(self.per_engine) for engine in sorted(held) if held[engine] <= depth]
+        places = [engine for depth in range(self.depth) for engine in sorted(held) if held[engine] <= depth]
+        if not places:
+            return
         running = {task for task, _, _ in self.running.values()}
+        running.update(task for _, _, attempts in self.limbo.values() for _, task, _ in attempts)
+        while self._head < len(self.queue) and self.queue[self._head].done():
+            self._head += 1
         ready = []
-        for i in range(0, len(self.queue) if places else 0, self.WINDOW):
+        for i in range(self._head, len(self.queue), self.WINDOW):
             window = self.queue[i:i + self.WINDOW]
             ready += ready_tasks(window, {t: t.depends_on for t in window}, self.finished, running)
             if len(ready) >= len(places):
@@ -316,18 +377,24 @@ class EngineScheduler:
                 continue
             task, engine, sent = self.running[ar]
             try:
-                result, start, end = ar.get()
+                reply = ar.get()
             except Exception as error:
                 if _engine_died(error):
                     self._lose_engine(engine)
                     continue
-                del self.running[ar]
-                self._record(task, engine, sent - self.t0, time.time() - self.t0, "raised")
-                self._finish(task, error=TaskFailed(f"task {task.name!r} failed on engine {engine}: "
-                                                    f"{getattr(error, 'ename', type(error).__name__)}: "
-                                                    f"{getattr(error, 'evalue', error)}"))
-                continue
+                reply = error
             del self.running[ar]
+            self._ended(task, engine, sent, reply)
+
+    def _ended(self, task, engine, sent, reply):
+        """An attempt replied: (result, start, end) from _timed, or the exception the task raised."""
+        if isinstance(reply, BaseException):
+            self._record(task, engine, sent - self.t0, time.time() - self.t0, "raised")
+            self._finish(task, error=TaskFailed(f"task {task.name!r} failed on engine {engine}: "
+                                                f"{getattr(reply, 'ename', type(reply).__name__)}: "
+                                                f"{getattr(reply, 'evalue', reply)}"))
+        else:
+            result, start, end = reply
             self._record(task, engine, start - self.t0, end - self.t0, "done")
             self._finish(task, result=result)
 
@@ -335,21 +402,54 @@ class EngineScheduler:
         self.records.append(dict(task=task.name, engine=engine, attempt=task.attempts, start=start, end=end,
                                  outcome=outcome))
 
+    def _late_reply(self, ar):
+        """The engine's own reply to this attempt, if it has arrived, else None. When an engine dies,
+        ipyparallel's client fails each task still out on it with an EngineError at once; a reply the engine
+        had sent before it died can arrive afterwards and then replaces that error in client.results."""
+        reply = self.client.results.get(ar.msg_ids[0])
+        return None if reply is None or _engine_died(reply) else reply
+
     def _lose_engine(self, engine):
-        """The engine is gone. It runs what it is sent in order, so the first of its tasks still out (in the
-        order they were sent: self.running keeps it) was running: an attempt that killed an engine. Tasks
-        sent after it (per_engine > 1) never started: back to the queue without using a retry."""
+        """The engine is gone; its attempts still out leave self.running. With one attempt, that task was
+        running: it is charged at once. With several (per_engine > 1), which one killed the engine is known
+        only once the replies already on their way have arrived: they wait in self.limbo, LATE_REPLY s at most."""
         self.engines.pop(engine, None)
         self.dead.append(engine)
         held = [(ar, task, sent) for ar, (task, where, sent) in self.running.items() if where == engine]
-        for ar, task, _ in held:
+        for ar, _, _ in held:
             del self.running[ar]
-        (_, running, sent), waiting = held[0], held[1:]
-        running.engines_killed.append(engine)
-        self._record(running, engine, sent - self.t0, time.time() - self.t0, "engine died")
-        for _, task, _ in waiting:
-            task.attempts -= 1
-        self._requeue([running])
+        if len(held) > 1:
+            self.limbo[engine] = (time.monotonic() + self.LATE_REPLY, time.time(), held)
+        else:
+            self._charge_death(engine, held, time.time())
+
+    def _settle_dead_engines(self):
+        """Charge the death of each engine in limbo once it is clear which task killed it: every attempt
+        but the last one sent has replied, or LATE_REPLY has passed."""
+        for engine, (until, noticed, held) in list(self.limbo.items()):
+            silent = [ar for ar, _, _ in held if self._late_reply(ar) is None]
+            if not silent or (len(silent) == 1 and silent[0] is held[-1][0]) or time.monotonic() >= until:
+                del self.limbo[engine]
+                self._charge_death(engine, held, noticed)
+
+    def _charge_death(self, engine, held, noticed):
+        """The engine ran its attempts in the order sent (self.running keeps it): those that replied ended
+        (their replies are kept); the first that did not was running and killed the engine (its record
+        ends when the death was noticed); the ones sent after it never started: back to the queue without
+        using a retry."""
+        killer = None
+        for ar, task, sent in held:
+            reply = self._late_reply(ar) if len(held) > 1 else None
+            if reply is not None:
+                self._ended(task, engine, sent, reply)
+            elif killer is None:
+                killer = task
+                task.engines_killed.append(engine)
+                self._record(task, engine, sent - self.t0, noticed - self.t0, "engine died")
+            else:
+                task.attempts -= 1
+        if killer is not None:
+            self._requeue([killer])
 
     def _requeue(self, lost):
         """The tasks of a dead engine: back to the queue (they were never removed from it), or given up."""
@@ -364,27 +464,46 @@ class EngineScheduler:
             raise RuntimeError(f"requeue_lost dropped {missing}: neither run again nor given up")
 
     def _finish(self, task, result=None, error=None):
-        """The task is over; if it failed, so are the tasks waiting for it, naming it."""
-        if task.done():
-            return
-        task._finish(result, error)
-        self.finished.add(task)
-        self.pending.remove(task)
-        if task in self.queue:
-            self.queue.remove(task)
-        if error is not None:
-            for other in list(self.pending):
-                if task in other.depends_on:
-                    self._finish(other, error=TaskFailed(f"task {other.name!r} not run: it depends on "
-                                                         f"{task.name!r}, which failed"))
+        """The task is over; if it failed, so are the tasks waiting for it, naming it (a loop over
+        self.dependents, no recursion). O(1) per task, plus its dependents when it failed."""
+        todo = [(task, result, error)]
+        while todo:
+            task, result, error = todo.pop()
+            if task.done():
+                continue
+            task._finish(result, error)
+            self.finished.add(task)
+            self.pending.pop(task, None)
+            self._just_finished.append(task)
+            if task in self._in_queue:
+                self._in_queue.discard(task)
+                self._stale += 1
+                if self._stale > len(self.queue) // 2:  # compact: the queue keeps its order
+                    self.queue = [t for t in self.queue if not t.done()]
+                    self._head, self._stale = 0, 0
+            if error is not None:
+                todo.extend((other, None, TaskFailed(f"task {other.name!r} not run: it depends on "
+                                                     f"{task.name!r}, which failed"))
+                            for other in self.dependents.get(task, ()) if not other.done())
 
     def _fail_everything_left(self, why):
         for task in list(self.pending):
             self._finish(task, error=TaskFailed(f"task {task.name!r} not run: {why}"))
 
     def _interrupted(self):
-        """Ctrl-C: interrupt the engines running our tasks, wait for them, cancel the rest, say so."""
+        """Ctrl-C: abort the attempts waiting behind a running one (per_engine > 1: else the engine would
+        start them once interrupted), interrupt the engines running our tasks, wait for them, cancel the
+        rest, say so."""
         here = socket.gethostname()
+        by_engine = {}
+        for ar, (_, engine, _) in self.running.items():
+            by_engine.setdefault(engine, []).append(ar)
+        for engine, ars in by_engine.items():
+            if len(ars) > 1 and engine in self.engines:
+                try:
+                    self.client.abort(jobs=ars[1:], targets=[engine], block=True)
+                except Exception:
+                    pass  # the engine died meanwhile: nothing waits there any more
         for task, engine, _ in list(self.running.values()):
             pid, host = self.engines.get(engine, (None, None))
             if pid and host == here:
@@ -394,6 +513,7 @@ class EngineScheduler:
                     pass
         concurrent.futures.wait(list(self.running), timeout=5)
         self.running.clear()
+        self.limbo.clear()
         done = sum(row["outcome"] == "done" for row in self.records)
         left = len(self.pending)
         self._fail_everything_left("cancelled by an interrupt")

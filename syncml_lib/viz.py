@@ -442,22 +442,49 @@ def plot_bytes_per_step(sent, formulas, ax=None):
 def plot_engine_timeline(records, title=None, ax=None, names=False):
     """One row per engine, one bar per attempt (from EngineScheduler.records): done in blue, raised in
     orange, an attempt whose engine died in red, ending where the death was noticed; a retry that
-    succeeded in green. names=True writes each task's name in its bar."""
+    succeeded in green. A bar is at least 0.5 % of the time axis wide, so that an attempt of a few
+    microseconds still shows. names=True writes each task's name in its bar, or, where it does not fit,
+    in black above the bar (below it when that would cross the name before it on the row)."""
     ax = ax or plt.gca()
     engines = sorted({row["engine"] for row in records})
     colour = {"done": "tab:blue", "raised": "tab:orange", "engine died": "tab:red"}
+    first = 1000 * min((row["start"] for row in records), default=0.0)
+    last = 1000 * max((row["end"] for row in records), default=1.0)
+    shortest = 0.005 * max(last - first, 1e-9)
+    bars = []
     for row in records:
         y = engines.index(row["engine"])
-        start, width = 1000 * row["start"], 1000 * (row["end"] - row["start"])
+        start, width = 1000 * row["start"], max(1000 * (row["end"] - row["start"]), shortest)
         retried = row["outcome"] == "done" and row["attempt"] > 1
-        ax.barh(y, width, left=start, height=0.7, color="tab:green" if retried else colour[row["outcome"]],
+        ax.barh(y, width, left=start, height=0.6, color="tab:green" if retried else colour[row["outcome"]],
                 edgecolor="white", linewidth=0.5)
+        bars.append((y, start, width, row["task"]))
         if row["outcome"] == "engine died":
             ax.text(start + width, y, f" {row['task']} killed engine {row['engine']}", va="center", fontsize=7)
-        if names:
-            ax.text(start + width / 2, y, row["task"], ha="center", va="center", fontsize=7, color="white")
+    ax.set_xmargin(0.05)  # room for a name written beside the last bar; shared x axes keep their union
+    ax.autoscale_view()
+    if names:
+        _name_bars(ax, bars)
     return _rows(ax, [f"engine {e}" for e in engines], title,
                  "milliseconds (blue: done, green: done on a retry, orange: raised, red: the engine died)")
+
+
+def _name_bars(ax, bars):
+    """Each bar's name inside it if it fits, else above it (below, if above would cross the previous
+    name placed outside on the same row). bars: (row, start, width, name)."""
+    renderer = ax.figure.canvas.get_renderer()
+    to_pixels = ax.transData.transform
+    outside = {}  # row -> the right edge (pixels) and side of the last name written outside a bar there
+    for y, start, width, name in sorted(bars, key=lambda bar: (bar[0], bar[1])):
+        label = ax.text(start + width / 2, y, name, ha="center", va="center", fontsize=7, color="white")
+        box = label.get_window_extent(renderer)
+        if box.width <= 0.92 * (to_pixels((start + width, y))[0] - to_pixels((start, y))[0]):
+            continue
+        right, side = outside.get(y, (-np.inf, "below"))
+        side = "below" if side == "above" and box.x0 < right + 2 else "above"
+        label.set(color="black", fontsize=6.5, y=y - 0.32 if side == "above" else y + 0.32,
+                  va="bottom" if side == "above" else "top")  # the rows run downwards: y - 0.32 is above
+        outside[y] = (label.get_window_extent(renderer).x1, side)
 
 
 def _rows(ax, labels, title, xlabel, margin=0.5):

@@ -1,7 +1,12 @@
 """EngineScheduler on real plain ipyparallel engines: engines SIGKILLed mid-task lose no task and duplicate
 none, a poisoned task is given up by name, task graphs run in dependency order, bad graphs never start,
-and the two situations where ipyparallel's own load-balanced view never finishes do finish here."""
+a retry goes to a replacement engine at once. The master's bookkeeping (which task killed an engine whose
+replies arrive late, the work per step, long chains) is tested on FakeClient, engines that are threads of
+this process and whose replies arrive when the test says."""
+import concurrent.futures
+import itertools
 import os
+import queue
 import random
 import signal
 import threading
@@ -10,7 +15,8 @@ import time
 import pytest
 
 from syncml_lib.cluster import engine_cluster
-from syncml_lib.engine_scheduler import EngineScheduler, GraphError, TaskFailed
+from syncml_lib import engine_scheduler
+from syncml_lib.engine_scheduler import EngineScheduler, GraphError, TaskFailed, TaskFuture
 from helpers import descendants, still_alive_after
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,15 +157,16 @@ def test_cycles_and_unknown_dependencies_are_rejected_before_anything_runs(two_e
     with pytest.raises(GraphError, match=r"task 'lonely' depends on 'nobody', which is not a task of this"):
         sched.wait()
     other = EngineScheduler(client).submit(nap, 0)
-    sched.submit(nap, 0, name="stranger", after=[other])
-    with pytest.raises(GraphError, match="which is not a task of this scheduler"):
-        sched.wait()
+    with pytest.raises(GraphError, match="task 'stranger' depends on 'task 0', a task of another EngineScheduler"):
+        sched.submit(nap, 0, name="stranger", after=[other])
     assert sched.records == []                                    # nothing ran
     assert sched.map(abs, [-1, -2]) == [1, 2]                    # and the scheduler still works
 
 
 def test_a_retried_task_finishes_on_an_engine_that_replaced_the_dead_ones(tmp_path):
-    """ipyparallel's view never sends a retry to an engine that joined later (ipython/ipython#7368)."""
+    """Both engines die, a replacement joins, the retry runs on it. (ipyparallel's load-balanced view
+    finishes this too: its TaskScheduler._register_engine rescans the queue with update_graph(None), and
+    chapter 05b runs it; but it sends a dead engine's task on only 5 s after the death, _unregister_engine.)"""
     with engine_cluster(2) as (cluster, client):
         sched = EngineScheduler(client, retries=2, engine_wait=30)
         task = sched.submit(dies_on_first_attempts(str(tmp_path), 2), name="twice unlucky")
@@ -170,7 +177,7 @@ def test_a_retried_task_finishes_on_an_engine_that_replaced_the_dead_ones(tmp_pa
 
 
 def test_with_retries_above_one_a_task_that_died_twice_still_finishes(tmp_path):
-    """ipyparallel's view with retries > 1 can leave such a result never ready (ipython/ipython#7846)."""
+    """retries=3: the third attempt of a task whose engine died twice runs and its result is kept."""
     with engine_cluster(4) as (cluster, client):
         sched = EngineScheduler(client, retries=3)
         task = sched.submit(dies_on_first_attempts(str(tmp_path), 2), name="third time")
@@ -201,7 +208,8 @@ def test_an_interrupt_ends_the_run_within_seconds_and_the_engines_are_usable_aga
 @pytest.mark.parametrize("kwargs, message", [
     (dict(retries=-1), "retries must be an integer >= 0, got -1"),
     (dict(order="random"), "unknown order 'random'; valid orders are 'critical path', 'arrival'"),
-    (dict(per_engine=0), "per_engine must be an integer >= 1, got 0"),
+    (dict(per_engine=0),
+     r"per_engine must be None \(2 for independent tasks, 1 for a graph\) or an integer >= 1, got 0"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -215,3 +223,209 @@ def test_a_task_that_is_not_a_function_or_a_name_used_twice_is_refused_at_submit
         sched.submit(abs, -2, name="load")
     with pytest.raises(TypeError, match="a task needs a function, got int"):
         sched.submit(3, name="three")
+
+
+# ----------------------------------------------------------------------------- defects of issue #23, item 3
+
+def test_a_future_of_another_scheduler_is_refused_at_submit_naming_it():
+    first, second = EngineScheduler(None), EngineScheduler(None)
+    three = first.submit(abs, -3, name="abs")
+    for call in (lambda: second.submit(str, three, name="text"),
+                 lambda: second.submit(str, 3, name="text", after=[three])):
+        with pytest.raises(GraphError, match=r"task 'text' depends on 'abs', a task of another EngineScheduler; "
+                                             r"nothing was submitted\. Pass its result instead"):
+            call()
+    assert list(second.pending) == [] and "text" not in second.tasks   # nothing was submitted
+    assert second.submit(str, 3, name="text").name == "text"           # the name is still free
+
+
+def test_the_critical_path_of_a_chain_of_100000_tasks_is_computed_without_recursion():
+    sched = EngineScheduler(None)
+    chain = [sched.submit(abs, -1, name="link 0")]
+    for i in range(1, 100_000):
+        chain.append(sched.submit(abs, -1, after=[chain[-1]], cost=0.5))
+    priority = sched.priorities()
+    # link i holds up itself and every link after it: 1 + 0.5 * (99,999 - i) for the first, 0.5 * (100,000 - i)
+    assert priority[chain[0]] == 1 + 0.5 * 99_999
+    assert [priority[chain[i]] for i in (1, 50_000, 99_999)] == [0.5 * 99_999, 0.5 * 50_000, 0.5]
+
+
+def test_a_chain_longer_than_the_recursion_limit_runs_on_engines_in_order(two_engines):
+    links = 1_200  # the old recursive priority raised RecursionError from about 500 links on
+    sched = EngineScheduler(two_engines)
+    chain = [sched.submit(abs, -1, name="link 0")]
+    for i in range(1, links):
+        chain.append(sched.submit(int.__add__, chain[-1], 1, name=f"link {i}"))  # the result flows down the chain
+    assert chain[-1].result(timeout=90) == links
+    rows = {row["task"]: row for row in done_rows(sched.records)}
+    assert all(rows[f"link {i}"]["start"] >= rows[f"link {i - 1}"]["end"] for i in range(1, links))
+
+
+# A fake ipyparallel client: engines that are threads here, for the master's bookkeeping.
+
+class Killed(BaseException):
+    """Raised by a task to kill the fake engine that runs it (SIGKILL on a real one)."""
+
+
+class FakeRemoteError(Exception):
+    """What ipyparallel's client stores for a task that raised or whose engine died: ename, evalue."""
+
+    def __init__(self, ename, evalue):
+        super().__init__(f"{ename}: {evalue}")
+        self.ename, self.evalue = ename, evalue
+
+
+class FakeAsyncResult(concurrent.futures.Future):
+    def __init__(self, msg_id):
+        super().__init__()
+        self.msg_ids = [msg_id]
+
+    def get(self, timeout=None):
+        return self.result(timeout)
+
+
+class FakeEngine:
+    """A view of one engine: runs what it is sent in order, on a thread; a reply arrives `delay` s after the
+    task ended. A task that raises Killed kills the engine, and then, like ipyparallel's client when it
+    hears of a death (Client._handle_stranded_msgs), every attempt whose reply has not arrived fails at
+    once with an EngineError; a reply that arrives after that only replaces the error in client.results."""
+
+    def __init__(self, client, engine, delay):
+        self.client, self.engine, self.delay = client, engine, delay
+        self.alive, self.out, self.inbox = True, [], queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def use_cloudpickle(self):
+        pass
+
+    def apply_async(self, fn, *args):
+        ar = FakeAsyncResult(next(self.client.msg_ids))
+        with self.client.lock:
+            self.out.append(ar)
+            if not self.alive:
+                self._died()
+        self.inbox.put((ar, fn, args))
+        return ar
+
+    def _work(self):
+        while self.alive:
+            ar, fn, args = self.inbox.get()
+            try:
+                reply = fn(*args)
+            except Killed:
+                with self.client.lock:
+                    self.alive = False
+                    self._died()
+                return
+            except Exception as error:
+                reply = FakeRemoteError(type(error).__name__, str(error))
+            if self.delay:
+                threading.Timer(self.delay, self._reply, args=(ar, reply)).start()
+            else:
+                self._reply(ar, reply)
+
+    def _reply(self, ar, reply):
+        with self.client.lock:
+            self.client.results[ar.msg_ids[0]] = reply
+            if ar in self.out:
+                self.out.remove(ar)
+                (ar.set_exception if isinstance(reply, Exception) else ar.set_result)(reply)
+
+    def _died(self):
+        for ar in self.out:
+            error = FakeRemoteError("EngineError", f"Engine {self.engine} died while running task {ar.msg_ids[0]}")
+            self.client.results[ar.msg_ids[0]] = error
+            ar.set_exception(error)
+        self.out.clear()
+
+
+class FakeClient:
+    def __init__(self, engines, delay=0.0):
+        self.results, self.lock, self.msg_ids = {}, threading.Lock(), itertools.count()
+        self.views = {engine: FakeEngine(self, engine, delay) for engine in range(engines)}
+
+    @property
+    def ids(self):
+        return [engine for engine, view in self.views.items() if view.alive]
+
+    def __getitem__(self, engine):
+        return self.views[engine]
+
+
+def square_killing_once_at(die_at):
+    """fn(x) = x * x; the first run of x == die_at kills its (fake) engine."""
+    killed = []
+
+    def fn(x):
+        if x == die_at and not killed:
+            killed.append(x)
+            raise Killed()
+        return x * x
+    return fn
+
+
+@pytest.mark.parametrize("retries", [2, 0])
+def test_a_death_is_charged_to_the_task_that_caused_it_when_a_finished_tasks_reply_arrives_late(retries):
+    """per_engine=2 on 2 engines: engine 0 holds items 0 and 2. Item 0 ends, its reply is on its way
+    (0.1 s); item 2 kills the engine; the EngineError for both arrives first. Item 2 is the one charged."""
+    sched = EngineScheduler(FakeClient(2, delay=0.1), retries=retries, per_engine=2)
+    sched.LATE_REPLY = 2.0                      # far above the replies' 0.1 s: no dependence on timing
+    items = [sched.submit(square_killing_once_at(2), x, name=f"item {x}") for x in range(8)]
+    sched.wait(timeout=30)
+    died = [(row["task"], row["engine"], row["attempt"]) for row in sched.records if row["outcome"] == "engine died"]
+    assert died == [("item 2", 0, 1)] and sched.dead == [0]
+    first = [row for row in done_rows(sched.records) if row["task"] == "item 0"]
+    assert [(row["engine"], row["attempt"]) for row in first] == [(0, 1)]  # its late reply kept, not run again
+    assert [items[x].result() for x in range(8) if x != 2] == [x * x for x in range(8) if x != 2]
+    if retries:
+        assert items[2].result() == 4 and items[2].attempts == 2
+    else:
+        with pytest.raises(TaskFailed, match=r"task 'item 2' failed: its engine died on each of its 1 attempts "
+                                             r"\(engines \[0\]; retries=0\)"):
+            items[2].result()
+
+
+def test_a_task_waiting_behind_the_one_that_killed_its_engine_uses_no_retry():
+    sched = EngineScheduler(FakeClient(2), retries=0, per_engine=2)
+    sched.LATE_REPLY = 2.0
+    assert sched.map(lambda x: x, [1]) == [1]          # the engines joined
+    killer = sched.submit(square_killing_once_at(5), 5, name="killer")      # engine 0, runs first
+    behind = sched.submit(pow, 3, 2, name="behind")                          # engine 1
+    third = sched.submit(pow, 4, 2, name="third")                            # engine 0, behind the killer
+    sched.wait(timeout=30)
+    assert isinstance(killer.exception(), TaskFailed) and behind.result() == 9 and third.result() == 16
+    assert [row["task"] for row in sched.records if row["outcome"] == "engine died"] == ["killer"]
+
+
+def test_the_masters_work_per_task_does_not_grow_with_the_number_of_tasks(monkeypatch):
+    """A map of n tiny tasks: the master looks at each task a bounded number of times (TaskFuture.done
+    calls, queue entries shown to ready_tasks), not at every task at every step."""
+    calls = {"done": 0, "looked at": 0}
+    done, ready = TaskFuture.done, engine_scheduler.ready_tasks
+
+    def counted_done(self):
+        calls["done"] += 1
+        return done(self)
+
+    def counted_ready(queue, *args):
+        calls["looked at"] += len(queue)
+        return ready(queue, *args)
+    monkeypatch.setattr(TaskFuture, "done", counted_done)
+    monkeypatch.setattr(engine_scheduler, "ready_tasks", counted_ready)
+    n = 3000
+    sched = EngineScheduler(FakeClient(2), per_engine=2)
+    assert sched.map(abs, range(-n, 0), timeout=60) == list(range(n, 0, -1))
+    per_task = {name: count / n for name, count in calls.items()}
+    assert per_task["done"] < 10 and per_task["looked at"] < 4 * sched.WINDOW, per_task
+
+
+def test_a_failure_at_the_head_of_a_long_chain_fails_every_link_by_name():
+    sched = EngineScheduler(FakeClient(1))
+    chain = [sched.submit(divmod, 1, 0, name="link 0")]
+    for i in range(1, 5_000):
+        chain.append(sched.submit(abs, chain[-1], name=f"link {i}"))
+    sched.wait(timeout=30)
+    assert "ZeroDivisionError" in str(chain[0].exception())
+    assert all(str(chain[i].exception()) == f"task 'link {i}' not run: it depends on 'link {i - 1}', which failed"
+               for i in range(1, 5_000))
+    assert len(sched.records) == 1 and not sched.pending

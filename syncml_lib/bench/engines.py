@@ -6,12 +6,13 @@
 No mpiexec: it starts its own cluster of plain engines (cluster.engine_cluster) and always stops it.
 Three tables, both schedulers measured in the same run, on the same engines:
 
-1. throughput: `tasks` empty tasks, per second (median of `repeat` runs, taking turns), with one task per
-   engine at a time (the default) and two (per_engine=2: an engine starts its next task without waiting
-   for a round trip through the kernel);
+1. throughput: `tasks` empty tasks, per second (median of `repeat` runs, taking turns), with two tasks per
+   engine at a time (per_engine=2, the default: an engine starts its next task without waiting for a round
+   trip through the kernel) and one (per_engine=1);
 2. recovery: a map of 40 tasks of 20 ms in which one task kills its engine (SIGKILL) the first time it
    runs. The task writes the time of its death first; its retry reports when it started; both are
-   time.time() on the same machine. A replacement engine is started after each run;
+   time.time() on the same machine. A replacement engine is started after each run. With per_engine=2 the
+   engine held a second task, so the master waits for late replies first (EngineScheduler.LATE_REPLY);
 3. task graphs: the makespan (first start to last end, on the engines' clocks) against the lower bound
    max(longest chain of costs, total cost / engines), for critical-path and arrival order and for the
    view with `after=` dependencies; median of `repeat` runs.
@@ -61,8 +62,8 @@ def square_but_one_kills_once(x, killer, marker, seconds):
 def time_throughput(client, n_tasks, repeat):
     """{name: tasks per second} for n_tasks empty tasks, median of `repeat` runs taking turns."""
     lview = client.load_balanced_view()
-    calls = {"EngineScheduler": lambda: EngineScheduler(client).map(empty, range(n_tasks)),
-             "EngineScheduler, per_engine=2": lambda: EngineScheduler(client, per_engine=2).map(empty, range(n_tasks)),
+    calls = {"EngineScheduler (per_engine=2)": lambda: EngineScheduler(client).map(empty, range(n_tasks)),
+             "EngineScheduler, per_engine=1": lambda: EngineScheduler(client, per_engine=1).map(empty, range(n_tasks)),
              "load-balanced view": lambda: lview.map_sync(empty, range(n_tasks))}
     times = {name: [] for name in calls}
     for name, call in calls.items():            # warm up: imports, connections
@@ -75,15 +76,15 @@ def time_throughput(client, n_tasks, repeat):
     return {name: n_tasks / statistics.median(t) for name, t in times.items()}
 
 
-def time_recovery(cluster, client, name):
+def time_recovery(cluster, client, name, per_engine=None):
     """One map with a death: (seconds from the death to the retry's start, seconds for the whole map)."""
     marker = os.path.join(tempfile.mkdtemp(prefix="syncml-bench-"), "died")
     args = (KILLER, marker, RECOVERY_SECONDS)
     items = range(RECOVERY_TASKS)
     engines_before = len(client.ids)
     start = time.perf_counter()
-    if name == "EngineScheduler":
-        sched = EngineScheduler(client, retries=2)
+    if per_engine is not None:
+        sched = EngineScheduler(client, retries=2, per_engine=per_engine)
         results = sched.map(lambda x: square_but_one_kills_once(x, *args), items, timeout=120)
     else:
         lview = client.load_balanced_view()
@@ -172,7 +173,9 @@ def main(args):
         sys.exit(1)
     with engine_cluster(args.engines) as (cluster, client):
         throughput = time_throughput(client, args.tasks, args.repeat)
-        recovery = {name: time_recovery(cluster, client, name) for name in ("EngineScheduler", "load-balanced view")}
+        recovery = {"EngineScheduler (per_engine=2)": time_recovery(cluster, client, "ours", 2),
+                    "EngineScheduler, per_engine=1": time_recovery(cluster, client, "ours", 1),
+                    "load-balanced view": time_recovery(cluster, client, "load-balanced view")}
         graphs = time_graphs(client, args.repeat)
     view = throughput["load-balanced view"]
     print(f"{args.tasks} empty tasks on {args.engines} plain engines: tasks per second, median of {args.repeat} runs "
