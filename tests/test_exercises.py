@@ -236,6 +236,8 @@ def test_cas_check_runs_the_update_inside_a_real_server_and_counts_every_workers
     (lambda n, mean: sum(1 / k for k in range(1, n + 1)) - 1, "returned 0.5, expected 0.005: that is H_W - 1 without "
                                                              "the mean: multiply by mean = 0.01"),
     (lambda n, mean: float(np.log(n)) * mean, "returned 0.00693147, expected 0.005: ln(W) mean is H_W - 1 only roughly"),
+    (lambda n, mean: (n - 1) / 2 * mean, "expected_wait(n_workers=4, mean=0.02) returned 0.03, expected 0.0216667: that is "
+                                         "(W - 1)/2 mean, as if the workers finished one mean apart"),
 ])
 def test_expected_wait_check_names_each_classic_mistake(formula, message):
     with pytest.raises(checks.CheckFailed, match=re.escape(message)):

@@ -261,6 +261,11 @@ def _judge_wait(args, got, expected, why):
         hint = "that is H_(W-1) mean; the wait is E[max] - mean = (H_W - 1) mean"
     elif n > 1 and np.isclose(got, (n - 1) * mean, rtol=1e-9):
         hint = "(W - 1) mean grows linearly; the maximum of W exponentials grows like the harmonic number H_W"
+    elif n > 2 and np.isclose(got, (n - 1) / 2 * mean, rtol=1e-9):
+        hint = ("that is (W - 1)/2 mean, as if the workers finished one mean apart and a worker waited for half of "
+                "the others; but the gaps shrink: of k workers still running the first finishes mean/k later on "
+                "average, so the slowest ends at (1/W + 1/(W-1) + ... + 1) mean = H_W mean and the wait is "
+                "(H_W - 1) mean (the two agree only at W = 1 and 2)")
     elif n > 1 and np.isclose(got, np.log(n) * mean, rtol=1e-9):
         hint = "ln(W) mean is H_W - 1 only roughly (H_W ~ ln W + 0.5772); use the harmonic number"
     else:
