@@ -429,3 +429,34 @@ def test_a_failure_at_the_head_of_a_long_chain_fails_every_link_by_name():
     assert all(str(chain[i].exception()) == f"task 'link {i}' not run: it depends on 'link {i - 1}', which failed"
                for i in range(1, 5_000))
     assert len(sched.records) == 1 and not sched.pending
+
+
+def test_the_timeline_draws_an_instant_task_and_writes_each_name_in_its_bar_or_clear_of_every_bar():
+    """Chapter 05b's pipeline: 'evaluate' (30 ms) did not fit its bar and ran over it; 'report' (print,
+    microseconds) had no visible bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from syncml_lib.viz import plot_engine_timeline
+    records = [dict(task=f"{step} {shard}", engine=shard, attempt=1, start=start + 0.003 * shard,
+                    end=start + 0.003 * shard + length, outcome="done")
+               for shard in range(3) for step, start, length in (("load", 0.0, 0.05), ("prep", 0.055, 0.05),
+                                                                   ("train", 0.11, 0.1))]
+    records += [dict(task="evaluate", engine=0, attempt=1, start=0.22, end=0.25, outcome="done"),
+                dict(task="report", engine=0, attempt=1, start=0.252, end=0.252002, outcome="done")]
+    fig, ax = plt.subplots(figsize=(5.6, 2.8))
+    plot_engine_timeline(records, ax=ax, names=True)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    patches = [p.get_window_extent(renderer) for p in ax.patches]
+    span = ax.get_xlim()[1] - ax.get_xlim()[0]
+    assert min(p.get_width() for p in ax.patches) >= 0.004 * span        # report's bar shows
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        inside = [p for p in patches if p.x0 - 0.5 <= box.x0 and box.x1 <= p.x1 + 0.5 and p.y0 - 0.5 <= box.y0
+                  and box.y1 <= p.y1 + 0.5]
+        crossed = [p for p in patches if box.overlaps(p)]
+        assert inside or not crossed, f"{text.get_text()!r} runs over a bar"
+        assert ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 + 1, f"{text.get_text()!r} leaves the axes"
+    assert sorted(text.get_text() for text in ax.texts) == sorted(row["task"] for row in records)
+    plt.close(fig)
