@@ -4,6 +4,7 @@
     %%px
     print(rank, size)                        # runs on every engine; comm, rank, size, np, MPI are there
     cluster.stop_cluster_sync()              # the last cell of every notebook
+    restart_engines(view)                    # engines stuck in a call that never returns: new ones, same view
 
     with mpi_cluster(n=4) as view:           # the same, stopped on exit, also after an exception
         view.apply_sync(f)
@@ -12,14 +13,17 @@ The engines are one MPI job (`ipp.Cluster(engines="mpi")`), so `MPI.COMM_WORLD` 
 all of them. `view` is a blocking DirectView whose targets are ordered by MPI rank: `view.apply_sync(f)`
 and `view.pull("x")` return one value per rank, rank 0 first, whatever engine ids ipyparallel gave.
 """
+import asyncio
 import contextlib
 import glob
 import logging
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import ipyparallel as ipp
 from IPython.paths import get_ipython_dir
@@ -27,7 +31,8 @@ from IPython.paths import get_ipython_dir
 from . import mpienv
 from .mpirun import FIX, MPINotFoundError, mpiexec_path, same_imports_env
 
-__all__ = ["start_mpi_cluster", "mpi_cluster", "start_engine_cluster", "engine_cluster", "stop_clusters", "ClusterError", "PROFILE"]
+__all__ = ["start_mpi_cluster", "mpi_cluster", "restart_engines", "start_engine_cluster", "engine_cluster",
+           "stop_clusters", "ClusterError", "PROFILE"]
 
 PROFILE = "syncml"  # clusters live in their own IPython profile, so cleaning up never touches others'
 TAG_VARIABLE = "SYNCML_CLUSTER_TAG"  # set by the test suite: every cluster it starts carries the tag
@@ -50,10 +55,45 @@ class MPIEnginesLauncher(ipp.cluster.launcher.MPIEngineSetLauncher):
     # would write "syncml_lib.cluster:MPIEnginesLauncher", which it cannot import again)
     entrypoint_name = "syncml_lib.cluster.MPIEnginesLauncher"
 
+    # a stopped engine that ignores SIGTERM (stuck in MPI) gets SIGKILL after 2 s, not ipyparallel's 5 s
+    stop_seconds_until_kill = 2
+
     def signal(self, sig):
         if self.state == "running":
+            self._nannies = self._nannies_below() or getattr(self, "_nannies", [])
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)  # ipyparallel starts mpiexec in a new session: pgid == pid
+
+    async def stop(self):
+        """Stop the engines, then their nannies. Each engine has a nanny, a process in a session of its own
+        that tells the controller when its engine has died and exits; after a stuck engine's SIGKILL a nanny
+        was seen waiting for many minutes to deliver that to a controller already gone, so a nanny still
+        there after NANNY_GRACE seconds is killed."""
+        await super().stop()
+        nannies = getattr(self, "_nannies", [])
+        deadline = time.monotonic() + NANNY_GRACE
+        while any(_running(nanny) for nanny in nannies) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for nanny in nannies:
+            with contextlib.suppress(Exception):
+                nanny.kill()
+
+    def _nannies_below(self):
+        import psutil
+
+        with contextlib.suppress(Exception):
+            return [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                    if "ipyparallel.engine.nanny" in " ".join(p.cmdline())]
+        return []
+
+
+NANNY_GRACE = 2  # seconds an engine's nanny gets to tell the controller that its engine died, and exit
+
+
+def _running(process):
+    with contextlib.suppress(Exception):
+        return process.is_running() and process.status() != "zombie"
+    return False
 
 
 class CourseCluster(ipp.Cluster):
@@ -142,10 +182,54 @@ def start_mpi_cluster(n=4, timeout=60, activate=True, say=print):
         return view
     view = _start(cluster, n, timeout, f"{n} MPI engines ({os.path.basename(mpienv.launcher())} -n {n})",
                   f"start_mpi_cluster(n={n}, timeout={2 * timeout})", prepare, say)
+    _CLUSTER_OF[view.client] = cluster
     if activate:
         view.activate()
         _no_progress_bars()
     return cluster, view
+
+
+_CLUSTER_OF = weakref.WeakKeyDictionary()  # client -> the cluster it was started with, for restart_engines
+
+
+def restart_engines(view, timeout=60, say=print):
+    """Replace the MPI engines behind `view` by n new ones in the same cluster; return the seconds it took.
+
+    For engines stuck in a blocking call that never returns (a collective some ranks skipped): they do not
+    answer an interrupt, since a signal reaches Python only when the MPI call returns. The old engines are
+    killed (SIGKILL: the whole MPI job), n new ones start, and `view` itself (and so %px) drives them from
+    then on, in rank order, with `comm`, `rank`, `size`, `MPI` and `np` defined. Whatever else was defined
+    on the old engines is gone.
+    """
+    say = say or (lambda line: None)
+    cluster = _CLUSTER_OF.get(view.client)
+    if cluster is None:
+        raise ClusterError("these engines were not started by start_mpi_cluster: stop their cluster and start "
+                           "a new one with start_mpi_cluster()")
+    client, old, started = view.client, set(view.targets), time.perf_counter()
+    n, deadline = len(old), time.monotonic() + timeout
+    cluster.signal_engines_sync(signal.SIGKILL)
+    cluster.stop_engines_sync()
+
+    def wait_until(done, what):
+        while not done():
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{what} within {timeout}s: stop the cluster (`cluster.stop_cluster_sync()`) "
+                                   f"and start a new one")
+            time.sleep(0.05)
+    # MPI engines ask for their rank as their id: the old ones must be unregistered first
+    wait_until(lambda: not old & set(client.ids), "the old engines were not unregistered")
+    before = set(client.ids)
+    cluster.start_engines_sync(n=n)
+    wait_until(lambda: len(set(client.ids) - before) >= n, f"{n} new engines did not register")
+    new = sorted(set(client.ids) - before)
+    ranks = client[new].apply_sync(lambda: __import__("mpi4py.MPI").MPI.COMM_WORLD.rank)
+    view.targets = [engine for _, engine in sorted(zip(ranks, new))]
+    view.use_cloudpickle()
+    view.execute(ENGINE_SETUP, block=True)
+    took = time.perf_counter() - started
+    say(f"{n} new MPI engines ready in {took:.1f} s")
+    return took
 
 
 def start_engine_cluster(n=4, timeout=60, say=print):

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import os
 import sys
+import sysconfig
 import time
 import traceback
 
@@ -66,7 +67,8 @@ STUCK_INSIDE = ("is still inside your function after {timeout}s, waiting for a m
                 "the other ranks never send or call")
 STUCK_AFTER = ("returned from your function, then waited {timeout}s for the other ranks, which are still "
                "inside theirs")
-RESTART = "; the engines stay stuck: stop the cluster (`cluster.stop_cluster_sync()`) and start a new one"
+RESTARTED = ("; the engines were stuck in it, so new ones were started ({took:.1f} s): the next check runs on "
+             "engines that are not stuck (anything you defined on the old ones with %px is gone)")
 
 
 def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=TIMEOUT):
@@ -74,7 +76,8 @@ def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=TIMEOUT):
 
     Each rank function returns its list of problems. A rank still running after `timeout` seconds
     gets the problem STUCK instead, and the ranks that did finish keep theirs: their errors are
-    usually why the others wait.
+    usually why the others wait. Engines left stuck are replaced (cluster.restart_engines), so a hang
+    is reported once, against the code that hung, never against the next check.
     """
     stuck = [STUCK.format(timeout=timeout)]
     if view is None:
@@ -84,21 +87,56 @@ def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=TIMEOUT):
             if not exc.timed_out:
                 raise CheckFailed(f"the check itself failed:\n{exc}") from None
             return [exc.results.get(rank, stuck) for rank in range(n)]
+    _not_stuck_before(view)
     # one request per engine, all sent at once, so the ranks run together and each can be waited for
     requests = [view.client[engine].apply_async(_on_engine, rank_fn, *args) for engine in view.targets]
     deadline = time.monotonic() + timeout
     for request in requests:
         request.wait(max(0.0, deadline - time.monotonic()))
-    reports = []
-    for request in requests:
+    if all(request.ready() for request in requests):
+        return [request.get() for request in requests]
+    reports, stuck_ranks = [], []
+    for rank, request in enumerate(requests):
         if request.ready():
             reports.append(request.get())
-        else:  # what _call published from the engine says where this rank is waiting
+        else:
             inside = (request.data or {}).get("inside_learner_function")
-            why = {True: STUCK_INSIDE, False: STUCK_AFTER}.get(inside, STUCK).format(timeout=timeout)
-            first_stuck = not any(RESTART in r[0] for r in reports if r)
-            reports.append([why + (RESTART if first_stuck else "")])
+            reports.append([{True: STUCK_INSIDE, False: STUCK_AFTER}.get(inside, STUCK).format(timeout=timeout)])
+            stuck_ranks.append(rank)
+    restarted = RESTARTED.format(took=_restart(view))
+    for rank in stuck_ranks:  # every stuck rank says it, so it is shown once
+        reports[rank][0] += restarted
     return reports
+
+
+def _restart(view):
+    from ..cluster import restart_engines
+
+    return restart_engines(view, say=None)
+
+
+def _not_stuck_before(view, grace=2.0):
+    """Before a check: if the engines are still busy with an earlier cell (stuck in a call that never
+    returns, most likely, or gone), say so and replace them, so this check does not wait behind it."""
+    client, deadline = view.client, time.monotonic() + grace
+    while True:
+        if not set(view.targets) <= set(client.ids):
+            busy = [rank for rank, engine in enumerate(view.targets) if engine not in client.ids]
+            what = "have stopped"
+            break
+        status = client.queue_status(targets=view.targets)
+        # the hub's count, and this client's own (a request just sent may not have reached the hub yet)
+        mine = {engine: client._outstanding_dict.get(client._engines.get(engine)) for engine in view.targets}
+        busy = [rank for rank, engine in enumerate(view.targets)
+                if status[engine]["queue"] or status[engine]["tasks"] or mine[engine]]
+        what = "were still busy with an earlier cell (a call that never returned?)"
+        if not busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if busy:
+        print(f"Before this check: the engines of rank{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} "
+              f"{what}; new engines were started ({_restart(view):.1f} s). Anything you defined on the old ones "
+              f"with %px is gone: run those cells again.")
 
 
 def _publish(inside):
@@ -109,6 +147,9 @@ def _publish(inside):
             from ipyparallel.datapub import publish_data
 
             publish_data({"inside_learner_function": inside})
+            # wait until the engine's I/O thread has sent it: a rank can block inside MPI while holding the
+            # GIL (the root of a pickle-based reduce), and the message would then never leave
+            sys.stdout.flush()
 
 
 def _call(fn, *args):
@@ -119,10 +160,28 @@ def _call(fn, *args):
     except NotImplementedError:
         return None, "raised NotImplementedError: the exercise is not written yet"
     except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return None, f"raised {type(exc).__name__}: {exc} (line {where.lineno} of {where.name})"
+        return None, f"raised {type(exc).__name__}: {exc} ({_where(exc)})"
     finally:
         _publish(False)
+
+
+# folders of code that is not the learner's: Python's, the installed packages' and the course library's
+NOT_THE_LEARNERS = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")}
+                         | {os.path.dirname(CHECKS_FOLDER)})
+
+
+def _where(exc):
+    """Where an exception of the learner's function arose: "line 4 of weighted_average", the learner's own
+    deepest line, and the library call it was in, if any ("..., in mpi4py.MPI.Comm.Allreduce"). Compiled
+    libraries (mpi4py) name their frames by relative source paths; a notebook cell has an absolute one."""
+    frames = traceback.extract_tb(exc.__traceback__)[1:]  # frames[0] is _call
+    learners = [frame for frame in frames if (frame.filename.startswith(("/", "<")) and
+                                              not os.path.abspath(frame.filename).startswith(NOT_THE_LEARNERS))]
+    if not learners:
+        return f"line {frames[-1].lineno} of {frames[-1].name}"
+    own = learners[-1]
+    called = frames[frames.index(own) + 1:]  # the library call on the learner's line, if it raised inside
+    return f"line {own.lineno} of {own.name}" + (f", in {called[0].name}" if called else "")
 
 
 def _anyone(comm, problems):
