@@ -1,7 +1,7 @@
 """The benchmark commands given to a learner (#23) are the one form that works from a terminal in the
 course folder, `make bench BENCH=<name>`: not `mpiexec -n 4 python -m syncml_lib.bench ...`, whose
 `mpiexec` and `python` are the course's only inside its environment. Checked for the files that have
-been brought to that form: chapters 01 and 02 and the README."""
+been brought to that form: chapters 01, 02 and 06 and the README."""
 import json
 import os
 import re
@@ -12,7 +12,8 @@ import pytest
 from helpers import ROOT
 
 BARE_COMMAND = re.compile(r"mpiexec(\.gforker)?\s+-n\s+\d+\s+\S*python\S*\s+-m\s+syncml_lib\.bench")
-CHAPTERS = {"01_why_synchronize.ipynb": "sync", "02_parameter_server.ipynb": "ps"}
+CHAPTERS = {"01_why_synchronize.ipynb": "sync", "02_parameter_server.ipynb": "ps",
+            "06_data_parallel_training.ipynb": "train"}
 
 
 def markdown(name):
