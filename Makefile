@@ -65,10 +65,12 @@ doctor: install
 	$(BIN)/python -m syncml_lib doctor
 
 ## Benchmarks against MPI's own: BENCH=allreduce (default), BENCH=ps, BENCH=data, BENCH=tasks, BENCH=train, BENCH=sync or BENCH=scaling;
-## BENCH=engines (against ipyparallel's load-balanced view) starts its own plain engines, without mpiexec
+## BENCH=engines (against ipyparallel's load-balanced view) starts its own plain engines, without mpiexec;
+## a benchmark's options go in BENCH_ARGS, e.g. make bench BENCH=allreduce BENCH_ARGS="--max-size 1M"
 BENCH ?= allreduce
+BENCH_ARGS ?=
 bench: install
-	$(if $(filter engines,$(BENCH)),,$(MPIEXEC) -n $(RANKS)) $(BIN)/python -m syncml_lib.bench $(BENCH)
+	$(if $(filter engines,$(BENCH)),,$(MPIEXEC) -n $(RANKS)) $(BIN)/python -m syncml_lib.bench $(BENCH) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -23,7 +23,7 @@ __all__ = ["on_cores", "predict", "predict_ps", "predict_hierarchical", "predict
            "A100_TF32_FLOPS", "training_flop_per_example", "ps_over_ring", "choose", "fit_line", "fit_params", "fit_alpha_beta", "measure_gamma", "DEFAULT_PARAMS"]
 
 # Measured on the course machine (2 cores, 4 ranks, MPICH 5 from its PyPI wheel, shared memory) with
-#     mpiexec -n 4 python -m syncml_lib.bench allreduce --fit
+#     make bench BENCH=allreduce BENCH_ARGS="--fit"
 # which fits alpha and beta (least squares, relative errors) to the median times of
 # recursive_doubling, ring and rabenseifner at 8 B .. 64 MB, with gamma from measure_gamma().
 # alpha is large because it is the cost of one *step* of our Python code on 4 ranks sharing

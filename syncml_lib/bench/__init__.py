@@ -1,13 +1,13 @@
 """Benchmarks of the course's synchronization code against MPI's own.
 
-    mpiexec -n 4 python -m syncml_lib.bench allreduce   # allreduce.py's algorithms vs comm.Allreduce (chapter 03)
-    mpiexec -n 4 python -m syncml_lib.bench ps          # the parameter server vs a ring among its workers (chapter 02)
-    mpiexec -n 4 python -m syncml_lib.bench data        # scatter_rows and the key-value store vs bare MPI (chapter 04)
-    mpiexec -n 4 python -m syncml_lib.bench tasks       # the task master vs MPI's scatter and gather (chapter 05)
-    mpiexec -n 4 python -m syncml_lib.bench train       # one model trained with every mechanism, bucketing (chapter 06)
-    mpiexec -n 4 python -m syncml_lib.bench sync        # barriers and shared updates vs MPI Barrier and Accumulate (chapter 01)
+    make bench BENCH=allreduce   # allreduce.py's algorithms vs comm.Allreduce (chapter 03)
+    make bench BENCH=ps          # the parameter server vs a ring among its workers (chapter 02)
+    make bench BENCH=data        # scatter_rows and the key-value store vs bare MPI (chapter 04)
+    make bench BENCH=tasks       # the task master vs MPI's scatter and gather (chapter 05)
+    make bench BENCH=train       # one model trained with every mechanism, bucketing (chapter 06)
+    make bench BENCH=sync        # barriers and shared updates vs MPI Barrier and Accumulate (chapter 01)
     python -m syncml_lib.bench engines                  # EngineScheduler vs ipyparallel's load-balanced view (chapter 05b)
-    mpiexec -n 4 python -m syncml_lib.bench scaling     # step time over 1..4 ranks, hierarchical, compression (chapter 07)
+    make bench BENCH=scaling     # step time over 1..4 ranks, hierarchical, compression (chapter 07)
 
 From Python, main(["ps", "--steps", "3"]) does the same. One module per benchmark (its docstring says
 what it measures and how), common.py what they share (sizes, timing, tables, rank counts, MPICH's

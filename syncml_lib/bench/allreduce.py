@@ -1,9 +1,8 @@
 """`bench allreduce`: the course's allreduce algorithms against MPI's own (chapter 03).
 
-    mpiexec -n 4 python -m syncml_lib.bench allreduce                  # 8 B .. 64 MB, under a minute
-    mpiexec -n 4 python -m syncml_lib.bench allreduce --max-size 1M    # a quick run
-    mpiexec -n 4 python -m syncml_lib.bench allreduce --sizes 8 1K 8M --repeat 20
-
+    make bench BENCH=allreduce                  # 8 B .. 64 MB, under a minute
+    make bench BENCH=allreduce BENCH_ARGS="--max-size 1M"  # a quick run
+    make bench BENCH=allreduce BENCH_ARGS="--sizes 8 1K 8M --repeat 20"
 For each message size (float64 arrays), the median time of each algorithm in allreduce.py, of "auto",
 of MPI's buffer-based comm.Allreduce and of the pickle-based comm.allreduce. One sample is the slowest
 rank's time for one call, after a Barrier; the calls take turns in a random order, and the table shows

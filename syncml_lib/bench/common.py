@@ -80,7 +80,7 @@ def require_ranks(comm, command, at_least, why):
     """End the run on every rank, with a message and exit status 1, if it has fewer than at_least ranks."""
     if comm.size < at_least:
         raise SystemExit(f"bench {command} needs at least {at_least} ranks ({why}); it was started on "
-                         f"{comm.size}: mpiexec -n {at_least} python -m syncml_lib.bench {command}")
+                         f"{comm.size}: make bench BENCH={command} RANKS={at_least}")
 
 
 def read_mpi_cvar(name):

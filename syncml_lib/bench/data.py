@@ -1,8 +1,7 @@
 """`bench data`: cutting rows over the ranks and the key-value store, against bare MPI (chapter 04).
 
-    mpiexec -n 4 python -m syncml_lib.bench data
-    mpiexec -n 4 python -m syncml_lib.bench data --sizes 8K 64K --repeat 5
-
+    make bench BENCH=data
+    make bench BENCH=data BENCH_ARGS="--sizes 8K 64K --repeat 5"
 Two tables, one row per size. Scatter: MPI's Scatterv, data.scatter_rows and the look-alike that
 broadcasts everything and slices (time_scatter). Key-value store: one put (1 and 2 replicas) and one
 get by a client of a store with 2 servers, against the same bytes sent with bare MPI (time_kvstore);

@@ -11,8 +11,8 @@ Three tables, both schedulers measured in the same run, on the same engines:
    trip through the kernel) and one (per_engine=1);
 2. recovery: a map of 40 tasks of 20 ms in which one task kills its engine (SIGKILL) the first time it
    runs. The task writes the time of its death first; its retry reports when it started; both are
-   time.time() on the same machine. A replacement engine is started after each run. With per_engine=2 the
-   engine held a second task, so the master waits for late replies first (EngineScheduler.LATE_REPLY);
+   time.time() on the same machine. A replacement engine is started after each run. With per_engine=2 and
+   with per_engine=1 (the dead engine held two tasks, or one);
 3. task graphs: the makespan (first start to last end, on the engines' clocks) against the lower bound
    max(longest chain of costs, total cost / engines), for critical-path and arrival order and for the
    view with `after=` dependencies; median of `repeat` runs.

@@ -1,8 +1,7 @@
 """`bench ps`: the parameter server against an allreduce among its workers (chapter 02).
 
-    mpiexec -n 4 python -m syncml_lib.bench ps                       # 8 MB model, 30 steps, ~15 s
-    mpiexec -n 4 python -m syncml_lib.bench ps --size 10000 --steps 3 --rounds 1
-
+    make bench BENCH=ps                       # 8 MB model, 30 steps, ~15 s
+    make bench BENCH=ps BENCH_ARGS="--size 10000 --steps 3 --rounds 1"
 The parameter server (parameter_server.py) with 1 and with 2 servers (the other ranks are workers),
 BSP and ASP, against an allreduce of the same gradient among the workers only (ring_allreduce and
 comm.Allreduce on a communicator of the W workers). grad_fn returns a fixed precomputed array, so the

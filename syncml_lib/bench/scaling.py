@@ -1,8 +1,7 @@
 """`bench scaling`: chapter 07's measurements (performance and open problems).
 
-    mpiexec -n 4 python -m syncml_lib.bench scaling             # about half a minute
-    mpiexec -n 4 python -m syncml_lib.bench scaling --sizes 1K 1M --epochs 2
-
+    make bench BENCH=scaling             # about half a minute
+    make bench BENCH=scaling BENCH_ARGS="--sizes 1K 1M --epochs 2"
 Three tables:
 1. chapter 06's training step (the digits MLP, and the wider one of chapter 07) on the first 1 .. p
    ranks: strong scaling (a global batch of 240) and weak scaling (60 examples per rank), the median

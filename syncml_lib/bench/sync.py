@@ -1,8 +1,7 @@
 """`bench sync`: what chapter 01's mechanisms cost per operation, against MPI's own (chapter 01).
 
-    mpiexec -n 4 python -m syncml_lib.bench sync
-    mpiexec -n 4 python -m syncml_lib.bench sync --steps 20 --rounds 20 --repeat 3
-
+    make bench BENCH=sync
+    make bench BENCH=sync BENCH_ARGS="--steps 20 --rounds 20 --repeat 3"
 Two tables. Barriers: a step of nothing but synchronization, by MPI's Barrier, by MPI's Ibarrier
 waited for asleep (barrier.run_barrier_steps), and by clock messages among the workers
 (consistency.run_clocked_workers with BSP and SSP s = 1): time per step, ratio to MPI's Barrier.

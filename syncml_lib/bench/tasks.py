@@ -1,8 +1,7 @@
 """`bench tasks`: the task master (scheduler.run_tasks) against MPI's scatter and gather (chapter 05).
 
-    mpiexec -n 4 python -m syncml_lib.bench tasks
-    mpiexec -n 4 python -m syncml_lib.bench tasks --tasks 12 --repeat 3
-
+    make bench BENCH=tasks
+    make bench BENCH=tasks BENCH_ARGS="--tasks 12 --repeat 3"
 The same tasks (empty, then 1 ms of sleep each) handed out by MPI's pickle-based scatter and gathered
 back (a static block schedule), and by run_tasks under each schedule of TASK_SCHEDULES; rank 0 is the
 master, the others are workers, so it needs 2 ranks.

@@ -1,7 +1,7 @@
 """`bench train`: one model trained with every mechanism, and bucketing with and without overlap (chapter 06).
 
     make bench BENCH=train                                           # 4 ranks (RANKS=4), ~25 s
-    make bench BENCH="train --epochs 2 --bucket-steps 5 --hidden 32 32"
+    make bench BENCH=train BENCH_ARGS="--epochs 2 --bucket-steps 5 --hidden 32 32"
 
 Table 1, one row per mechanism: training.train on the MLP of the chapter (64-128-10), the same epochs,
 batch size and lr for all; time per epoch (the slowest rank's), time until the test accuracy first
