@@ -18,11 +18,10 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
    priority is its cost plus the largest priority among the tasks that wait for it (the longest chain of
    work it still holds up), computed once per run from the tasks without dependents back to the first
    ones, O(tasks + dependencies) and no recursion; order="arrival" keeps the order of submission instead.
-3. Every engine with a free place gets the first ready task (dynamic self-scheduling). per_engine=2 keeps
-   two tasks on each engine, one running and one to start as soon as it ends; per_engine=1 sends an
-   engine its next task only after its reply. The default, per_engine=None, is 2 when no task waits for
-   another (a map, independent tasks) and 1 for a graph, where a task that becomes ready, perhaps the
-   next link of the critical path, would otherwise wait behind one already sent.
+3. Every engine with a free place gets the first ready task (dynamic self-scheduling). per_engine=1, the
+   default, sends an engine its next task after its reply; per_engine=2 keeps two tasks on each engine,
+   one running and one to start as soon as it ends (a task that becomes ready meanwhile, perhaps the
+   next link of the critical path, then waits behind one already sent).
 4. Wait for the first attempt to end (ipyparallel's AsyncResults are concurrent.futures Futures):
    - it returned: keep its result (once); its dependents may become ready;
    - it raised: the task fails, and so does every task that depends on it, naming it (no retry: a bug
@@ -30,27 +29,33 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
    - its engine died (ipyparallel's EngineError, which the engine's nanny reports at once): the engine is
      gone; the task goes back to the ready tasks, and after retries + 1 dead engines it fails by name
      (a task that was only waiting on that engine, per_engine > 1, goes back without using a retry).
-     The engine ran its tasks in the order sent, so the one that killed it is the first without a reply.
-     ipyparallel fails every task still out on an engine when it hears of the death, and the reply of a
-     task that had finished can arrive after that (`Client._handle_stranded_msgs` says so). When a dead
-     engine held two tasks or more, the master therefore waits up to LATE_REPLY seconds for such replies
-     before it charges the death (the other engines keep working meanwhile): a late reply is kept as the
-     task's result, and the death is charged to the first task that never replied.
+     Which task killed an engine that held two (per_engine=2): not simply the first one sent to it. A
+     task that had finished may have lost its reply: ipyparallel fails every task still out on an engine
+     with an EngineError as soon as it hears of the death (`Client._handle_stranded_msgs`), a reply
+     that comes later is dropped (the AsyncResult has already cleaned up), and a reply still in the
+     engine's send buffer dies with it. So with two tasks per engine, the engine writes the attempt it is
+     about to start into a file of this scheduler's (a temporary folder; one file per engine), and the
+     master reads it when the engine dies: that attempt killed it and uses a retry; the ones sent before
+     it had finished (their replies lost: they run again without using a retry) and the ones after it
+     never started (same). This needs the engine on the master's machine; on another machine, or if
+     there is no file, the first task sent is charged, and so it is when the file names no attempt still
+     out (the engine died before the next one had started, perhaps unpacking its arguments).
 5. Engines that register meanwhile (replacements) join the idle ones, and a retried task may go to any
    engine alive, one it has run on before included.
 
 Cost: two messages per task through ipyparallel's controller (about a millisecond each way here). With
 per_engine=1 an engine waits a round trip through this kernel between tasks, which dominates tiny tasks;
-per_engine=2 (the default for independent tasks) sends each engine its next task while it runs one, so
-it starts it at once (README: the engines benchmark). What per_engine=2 costs: a task can wait behind a
-long one on its engine while another engine is free (at the end of a map of uneven tasks), and a death
-on an engine that held two tasks is charged only after the LATE_REPLY wait (per_engine=1 retries at
-once). The master's work per step (one pass of the loop in `run`) is O(engines) for a map: the engines,
-the attempts out, and the front of the queue until every free place has a ready task; a finished task
-leaves the pending tasks, the queue (lazily) and the tasks waited for in O(1). In a graph the queue's
-front can also hold tasks still waiting for dependencies: the step passes over those too (ready_tasks
-is asked WINDOW of them at a time). Checking the graph and ordering it cost O(tasks + dependencies) once
-per call of run.
+per_engine=2 sends each engine its next task while it runs one, so it starts it at once. What
+per_engine=2 costs: a task can wait behind a long one on its engine while another engine is free, each
+attempt writes a few bytes to a file before it starts (above), and a death is told apart exactly only
+on the master's machine. On empty tasks neither setting is reliably faster than the other, nor than
+ipyparallel's load-balanced view (README: the engines benchmark): most of the kernel's time per task is
+ipyparallel's own apply_async. The master's work per step (one pass of
+the loop in `run`) is O(engines) for a map: the engines, the attempts out, and the front of the queue
+until every free place has a ready task; a finished task leaves the pending tasks, the queue (lazily)
+and the tasks waited for in O(1). In a graph the queue's front can also hold tasks still waiting for
+dependencies: the step passes over those too (ready_tasks is asked WINDOW of them at a time). Checking
+the graph and ordering it cost O(tasks + dependencies) once per call of run.
 
 Ctrl-C (Kernel > Interrupt) aborts the tasks waiting on the engines, sends SIGINT to the engines running
 tasks, waits for them (5 s at most),
@@ -62,6 +67,7 @@ import itertools
 import os
 import signal
 import socket
+import tempfile
 import time
 
 __all__ = ["EngineScheduler", "TaskFuture", "TaskFailed", "GraphError", "ORDERS", "ready_tasks", "requeue_lost"]
@@ -110,9 +116,14 @@ class TaskFuture:
         return f"<TaskFuture {self.name!r} {state}>"
 
 
-def _timed(fn, args):
-    """Runs on an engine: fn(*args) and when it started and ended (time.time(), one clock per machine)."""
+def _timed(fn, args, mark=None):
+    """Runs on an engine: fn(*args) and when it started and ended (time.time(), one clock per machine).
+    mark=(path, attempt): first write the attempt into the file at path (the master reads it if the engine
+    dies: EngineScheduler._lose_engine)."""
     import time
+    if mark is not None:
+        with open(mark[0], "w") as out:
+            out.write(mark[1])
     start = time.time()
     result = fn(*args)
     return result, start, time.time()
@@ -151,25 +162,23 @@ def requeue_lost(lost, attempts, retries):
 class EngineScheduler:
     """Dynamic self-scheduling of tasks and task graphs over the engines of an ipyparallel Client."""
 
-    WINDOW = 64        # tasks of the queue looked at together when looking for ready ones
-    LATE_REPLY = 0.25  # seconds to wait for replies still on their way from a dead engine that held 2 tasks or more
+    WINDOW = 64  # tasks of the queue looked at together when looking for ready ones
 
-    def __init__(self, client, retries=2, order="critical path", engine_wait=5.0, per_engine=None):
+    def __init__(self, client, retries=2, order="critical path", engine_wait=5.0, per_engine=1):
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; valid orders are {', '.join(map(repr, ORDERS))}")
-        if per_engine is not None and (not isinstance(per_engine, int) or per_engine < 1):
-            raise ValueError(f"per_engine must be None (2 for independent tasks, 1 for a graph) or an integer "
-                             f">= 1, got {per_engine!r}")
+        if not isinstance(per_engine, int) or per_engine < 1:
+            raise ValueError(f"per_engine must be an integer >= 1, got {per_engine!r}")
         self.client, self.retries, self.order, self.engine_wait = client, retries, order, engine_wait
         self.per_engine = per_engine  # tasks sent to an engine at once: it runs one, the others wait there
-        self.depth = per_engine or 1  # the number in use: per_engine, or for None what run decides
         self.pending = {}             # submitted, not finished, in submission order (a dict: removal in O(1))
         self.queue = []               # the pending tasks of the graph that runs, in hand-out order (below)
         self.dependents = {}          # pending task -> the pending tasks that depend on it (_check_graph)
         self.running = {}             # AsyncResult -> (task, engine, start time)
-        self.limbo = {}               # dead engine -> (until when, when its death was noticed, its attempts)
+        self.marks = {}               # AsyncResult -> the attempt's name in the engine's file (per_engine > 1)
+        self._folder = None           # where the engines write the attempt they start (per_engine > 1)
         self.engines = {}             # engine id -> (pid, hostname), the live ones this scheduler knows
         self.views = {}               # engine id -> a DirectView of that engine alone
         self.tasks = {}               # name -> TaskFuture, every task submitted with a name
@@ -245,8 +254,6 @@ class EngineScheduler:
         # dependents all finish after it), so the queue is sorted once (stable: ties keep arrival order)
         self.queue = list(self.pending)
         self._in_queue, self._head, self._stale = set(self.queue), 0, 0
-        if self.per_engine is None:  # 2 unless a task waits for another: then a graph
-            self.depth = 1 if any(not d.done() for t in self.pending for d in t.depends_on) else 2
         if self.order == "critical path":
             priority = self.priorities(checked=True)
             self.queue.sort(key=lambda t: -priority[t])
@@ -256,12 +263,9 @@ class EngineScheduler:
         try:
             while left:
                 self._join_new_engines()
-                self._settle_dead_engines()
                 self._hand_out()
                 if not self.running:
-                    if self.limbo:
-                        time.sleep(0.01)
-                    elif self.engines:
+                    if self.engines:
                         raise RuntimeError("nothing is running and nothing is ready: a bug in the scheduler")
                     else:
                         no_engine_since = no_engine_since or time.monotonic()
@@ -271,7 +275,7 @@ class EngineScheduler:
                         time.sleep(0.05)
                 else:
                     no_engine_since = None
-                    self._collect(concurrent.futures.wait(list(self.running), timeout=0.02 if self.limbo else 0.5,
+                    self._collect(concurrent.futures.wait(list(self.running), timeout=0.5,
                                                           return_when=concurrent.futures.FIRST_COMPLETED).done)
                 left.difference_update(self._just_finished)
                 self._just_finished.clear()
@@ -346,17 +350,16 @@ class EngineScheduler:
         return priority
 
     def _hand_out(self):
-        """Steps 2 and 3: each idle engine gets the next ready task of the queue (with self.depth > 1, up to
+        """Steps 2 and 3: each idle engine gets the next ready task of the queue (with self.per_engine > 1, up to
         that many each, first one for every engine). ready_tasks is asked about the queue a window at a time,
         from its first unfinished task, only until every free place has a task (a long map stays cheap)."""
         held = {engine: 0 for engine in self.engines}
         for _, engine, _ in self.running.values():
             held[engine] += 1
-        places = [engine for depth in range(self.depth) for engine in sorted(held) if held[engine] <= depth]
+        places = [engine for depth in range(self.per_engine) for engine in sorted(held) if held[engine] <= depth]
         if not places:
             return
         running = {task for task, _, _ in self.running.values()}
-        running.update(task for _, _, attempts in self.limbo.values() for _, task, _ in attempts)
         while self._head < len(self.queue) and self.queue[self._head].done():
             self._head += 1
         ready = []
@@ -368,7 +371,15 @@ class EngineScheduler:
         for task, engine in zip(ready, places):
             args = tuple(a._result if isinstance(a, TaskFuture) else a for a in task.args)
             task.attempts += 1
-            self.running[self.views[engine].apply_async(_timed, task.fn, args)] = (task, engine, time.time())
+            mark = None
+            if self.per_engine > 1:
+                if self._folder is None:  # removed when the scheduler is (TemporaryDirectory's finalizer)
+                    self._folder = tempfile.TemporaryDirectory(prefix="syncml-attempts-")
+                mark = (os.path.join(self._folder.name, f"engine {engine}"), f"{task.name}#{task.attempts}")
+            ar = self.views[engine].apply_async(_timed, task.fn, args, mark)
+            self.running[ar] = (task, engine, time.time())
+            if mark is not None:
+                self.marks[ar] = mark[1]
 
     def _collect(self, finished):
         """Step 4: what the attempts that ended say."""
@@ -384,6 +395,7 @@ class EngineScheduler:
                     continue
                 reply = error
             del self.running[ar]
+            self.marks.pop(ar, None)
             self._ended(task, engine, sent, reply)
 
     def _ended(self, task, engine, sent, reply):
@@ -402,54 +414,38 @@ class EngineScheduler:
         self.records.append(dict(task=task.name, engine=engine, attempt=task.attempts, start=start, end=end,
                                  outcome=outcome))
 
-    def _late_reply(self, ar):
-        """The engine's own reply to this attempt, if it has arrived, else None. When an engine dies,
-        ipyparallel's client fails each task still out on it with an EngineError at once; a reply the engine
-        had sent before it died can arrive afterwards and then replaces that error in client.results."""
-        reply = self.client.results.get(ar.msg_ids[0])
-        return None if reply is None or _engine_died(reply) else reply
-
     def _lose_engine(self, engine):
-        """The engine is gone; its attempts still out leave self.running. With one attempt, that task was
-        running: it is charged at once. With several (per_engine > 1), which one killed the engine is known
-        only once the replies already on their way have arrived: they wait in self.limbo, LATE_REPLY s at most."""
-        self.engines.pop(engine, None)
+        """The engine is gone; its attempts still out leave self.running. The one it was running used a
+        retry (_killer); the others run again without using one."""
+        pid_host = self.engines.pop(engine, None)
         self.dead.append(engine)
         held = [(ar, task, sent) for ar, (task, where, sent) in self.running.items() if where == engine]
         for ar, _, _ in held:
             del self.running[ar]
-        if len(held) > 1:
-            self.limbo[engine] = (time.monotonic() + self.LATE_REPLY, time.time(), held)
-        else:
-            self._charge_death(engine, held, time.time())
-
-    def _settle_dead_engines(self):
-        """Charge the death of each engine in limbo once it is clear which task killed it: every attempt
-        but the last one sent has replied, or LATE_REPLY has passed."""
-        for engine, (until, noticed, held) in list(self.limbo.items()):
-            silent = [ar for ar, _, _ in held if self._late_reply(ar) is None]
-            if not silent or (len(silent) == 1 and silent[0] is held[-1][0]) or time.monotonic() >= until:
-                del self.limbo[engine]
-                self._charge_death(engine, held, noticed)
-
-    def _charge_death(self, engine, held, noticed):
-        """The engine ran its attempts in the order sent (self.running keeps it): those that replied ended
-        (their replies are kept); the first that did not was running and killed the engine (its record
-        ends when the death was noticed); the ones sent after it never started: back to the queue without
-        using a retry."""
-        killer = None
+        killer = self._killer(engine, pid_host, held) if held else None
         for ar, task, sent in held:
-            reply = self._late_reply(ar) if len(held) > 1 else None
-            if reply is not None:
-                self._ended(task, engine, sent, reply)
-            elif killer is None:
-                killer = task
+            self.marks.pop(ar, None)
+            if task is killer:
                 task.engines_killed.append(engine)
-                self._record(task, engine, sent - self.t0, noticed - self.t0, "engine died")
+                self._record(task, engine, sent - self.t0, time.time() - self.t0, "engine died")
             else:
-                task.attempts -= 1
+                task.attempts -= 1  # finished with its reply lost, or never started
         if killer is not None:
             self._requeue([killer])
+
+    def _killer(self, engine, pid_host, held):
+        """The task whose attempt killed the engine. One attempt out: that one. Several: the one the engine
+        wrote into its file before starting it (module docstring, step 4), if the engine ran on this machine
+        and the file names an attempt still out; else the first one sent (it was running, or about to)."""
+        if len(held) == 1:
+            return held[0][1]
+        path = os.path.join(self._folder.name, f"engine {engine}") if self._folder else None
+        if pid_host is not None and pid_host[1] == socket.gethostname() and path and os.path.exists(path):
+            with open(path) as written:
+                started = written.read()
+            os.remove(path)
+            return next((task for ar, task, _ in held if self.marks.get(ar) == started), held[0][1])
+        return held[0][1]
 
     def _requeue(self, lost):
         """The tasks of a dead engine: back to the queue (they were never removed from it), or given up."""
@@ -513,7 +509,7 @@ class EngineScheduler:
                     pass
         concurrent.futures.wait(list(self.running), timeout=5)
         self.running.clear()
-        self.limbo.clear()
+        self.marks.clear()
         done = sum(row["outcome"] == "done" for row in self.records)
         left = len(self.pending)
         self._fail_everything_left("cancelled by an interrupt")

@@ -6,13 +6,13 @@
 No mpiexec: it starts its own cluster of plain engines (cluster.engine_cluster) and always stops it.
 Three tables, both schedulers measured in the same run, on the same engines:
 
-1. throughput: `tasks` empty tasks, per second (median of `repeat` runs, taking turns), with two tasks per
-   engine at a time (per_engine=2, the default: an engine starts its next task without waiting for a round
-   trip through the kernel) and one (per_engine=1);
+1. throughput: `tasks` empty tasks, per second (median of `repeat` runs, taking turns), with one task per
+   engine at a time (per_engine=1, the default) and two (per_engine=2: an engine starts its next task
+   without waiting for a round trip through the kernel);
 2. recovery: a map of 40 tasks of 20 ms in which one task kills its engine (SIGKILL) the first time it
    runs. The task writes the time of its death first; its retry reports when it started; both are
-   time.time() on the same machine. A replacement engine is started after each run. With per_engine=2 and
-   with per_engine=1 (the dead engine held two tasks, or one);
+   time.time() on the same machine. A replacement engine is started after each run. With per_engine=1 and
+   per_engine=2 (the dead engine held one task, or two);
 3. task graphs: the makespan (first start to last end, on the engines' clocks) against the lower bound
    max(longest chain of costs, total cost / engines), for critical-path and arrival order and for the
    view with `after=` dependencies; median of `repeat` runs.
@@ -62,8 +62,8 @@ def square_but_one_kills_once(x, killer, marker, seconds):
 def time_throughput(client, n_tasks, repeat):
     """{name: tasks per second} for n_tasks empty tasks, median of `repeat` runs taking turns."""
     lview = client.load_balanced_view()
-    calls = {"EngineScheduler (per_engine=2)": lambda: EngineScheduler(client).map(empty, range(n_tasks)),
-             "EngineScheduler, per_engine=1": lambda: EngineScheduler(client, per_engine=1).map(empty, range(n_tasks)),
+    calls = {"EngineScheduler": lambda: EngineScheduler(client).map(empty, range(n_tasks)),
+             "EngineScheduler, per_engine=2": lambda: EngineScheduler(client, per_engine=2).map(empty, range(n_tasks)),
              "load-balanced view": lambda: lview.map_sync(empty, range(n_tasks))}
     times = {name: [] for name in calls}
     for name, call in calls.items():            # warm up: imports, connections
@@ -173,8 +173,8 @@ def main(args):
         sys.exit(1)
     with engine_cluster(args.engines) as (cluster, client):
         throughput = time_throughput(client, args.tasks, args.repeat)
-        recovery = {"EngineScheduler (per_engine=2)": time_recovery(cluster, client, "ours", 2),
-                    "EngineScheduler, per_engine=1": time_recovery(cluster, client, "ours", 1),
+        recovery = {"EngineScheduler": time_recovery(cluster, client, "ours", 1),
+                    "EngineScheduler, per_engine=2": time_recovery(cluster, client, "ours", 2),
                     "load-balanced view": time_recovery(cluster, client, "load-balanced view")}
         graphs = time_graphs(client, args.repeat)
     view = throughput["load-balanced view"]
