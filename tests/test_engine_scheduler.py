@@ -194,9 +194,11 @@ def test_priorities_follow_the_critical_path_and_arrival_order_is_kept_on_ties()
     assert [priority[t] for t in chain] == [7.0, 6.0, 4.0, 2.0] and all(priority[s] == 1.0 for s in shorts)
 
 
-def test_an_interrupt_ends_the_run_within_seconds_and_the_engines_are_usable_again(two_engines):
+@pytest.mark.parametrize("per_engine", [1, 2])
+def test_an_interrupt_ends_the_run_within_seconds_and_the_engines_are_usable_again(two_engines, per_engine):
+    """per_engine=2: the task waiting behind the interrupted one is aborted, or the engine would start it."""
     client = two_engines
-    sched = EngineScheduler(client)
+    sched = EngineScheduler(client, per_engine=per_engine)
     threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT)).start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt, match=r"interrupted: 0 tasks had finished, 10 were cancelled"):
