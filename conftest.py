@@ -9,6 +9,10 @@ import os
 
 def pytest_configure(config):
     os.environ.setdefault("SYNCML_CLUSTER_TAG", f"syncml-test-{os.getpid()}")
+    # the many small multi-rank cases run inside one long-lived mpiexec job per rank count (mpirun.reuse_jobs)
+    from syncml_lib import mpirun
+
+    mpirun.reuse_jobs(os.environ.get("SYNCML_REUSE_JOBS", "1") != "0")
     # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored
     # SIGINT: the tests that interrupt the runs would then find Ctrl-C lost. Give them Python's handler.
     import signal
@@ -18,7 +22,10 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from syncml_lib import mpirun
     from syncml_lib.cluster import stop_clusters
+
+    mpirun.reuse_jobs(False)
 
     stopped = stop_clusters(tag=os.environ["SYNCML_CLUSTER_TAG"])
     if stopped:
@@ -34,3 +41,63 @@ def pytest_runtest_teardown(item):
     if handler is not signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         raise AssertionError(f"{item.nodeid} left SIGINT handled by {handler!r}, not Python's default handler")
+
+
+# ---------------------------------------------------------------- the suite's time, by chapter (#24)
+
+# the chapter of a test file whose test names do not say it; a name with "NN_" in it (a notebook, a graded
+# solution or exercise, a parametrized check) belongs to that chapter
+CHAPTER_OF_FILE = {
+    "test_synchronize": "01", "test_barrier_spread": "01", "test_viz_rank_figures": "01",
+    "test_parameter_server": "02", "test_rpc": "02",
+    "test_allreduce": "03", "test_trace": "03",
+    "test_data": "04", "test_kvstore": "04",
+    "test_scheduler": "05", "test_engine_scheduler": "05b", "test_interrupts": "05b",
+    "test_training": "06", "test_viz_training": "06", "test_overlap": "06",
+    "test_compression": "07", "test_costmodel": "07", "test_hierarchical": "07", "test_scaling": "07",
+    "test_secure_aggregation": "07",
+}
+_seconds = {}  # test id -> seconds (setup + call + teardown)
+
+
+def pytest_runtest_logreport(report):
+    _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def _chapter_and_kind(nodeid):
+    import re
+
+    path = nodeid.split("::")[0]
+    named = re.search(r"\b(\d\d[a-z]?)_[a-z]", nodeid)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    chapter = named.group(1) if named else CHAPTER_OF_FILE.get(stem, "course")
+    if path.startswith("notebooks/"):
+        return chapter, "notebook"
+    if stem == "test_grade":
+        return chapter, "grading"
+    return chapter, "tests"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """At the end of every run: its time per chapter (the chapter notebook under nbval, its solutions and
+    exercises graded, its library tests) and its 20 slowest items, so what a new chapter costs shows."""
+    if not _seconds:
+        return
+    kinds = ("notebook", "grading", "tests")
+    table = {}
+    for nodeid, seconds in _seconds.items():
+        chapter, kind = _chapter_and_kind(nodeid)
+        table.setdefault(chapter, dict.fromkeys(kinds, 0.0))[kind] += seconds
+    write = terminalreporter.write_line
+    write("")
+    write("time per chapter, in seconds (notebook under nbval | solutions and exercises graded | tests)")
+    write(f"{'chapter':>8} | {'notebook':>8} | {'grading':>8} | {'tests':>8} | {'total':>8}")
+    for chapter in sorted(table, key=lambda c: (c == "course", c)):
+        row = table[chapter]
+        write(f"{chapter:>8} | " + " | ".join(f"{row[k]:8.1f}" for k in kinds) + f" | {sum(row.values()):8.1f}")
+    write(f"{'all':>8} | " + " | ".join(f"{sum(r[k] for r in table.values()):8.1f}" for k in kinds)
+          + f" | {sum(_seconds.values()):8.1f}")
+    write("")
+    write("the 20 slowest items (seconds):")
+    for nodeid, seconds in sorted(_seconds.items(), key=lambda item: -item[1])[:20]:
+        write(f"{seconds:8.1f}  {nodeid}")

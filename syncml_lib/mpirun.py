@@ -9,6 +9,8 @@ dead peer); when the job outlives `timeout`, the whole process group is killed. 
 `MPIRunError` says which ranks failed or never finished, with their tracebacks and output.
 The notebooks use this to run scripts from the kernel: the kernel never calls MPI itself.
 """
+import atexit
+import contextlib
 import os
 import pickle
 import shutil
@@ -19,11 +21,12 @@ import tempfile
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import mpienv
 
-__all__ = ["run", "run_script", "mpiexec_path", "MPIRunError", "MPINotFoundError"]
+__all__ = ["run", "run_script", "reuse_jobs", "mpiexec_path", "MPIRunError", "MPINotFoundError"]
 
 FIX = ("Fix: install the course environment with `make lab` or `make test` (pip installs MPICH's wheel), "
        "or `pip install mpich mpi4py` in this environment; `python -m syncml_lib doctor` checks the set-up.")
@@ -144,11 +147,46 @@ def _tail(text, lines=40):
 def run(fn, n, *args, timeout=60, **kwargs):
     """Call fn(comm, *args, **kwargs) on n ranks under mpiexec; return the list of results by rank.
 
-    comm is MPI.COMM_WORLD of the job. Raises MPIRunError naming the ranks that raised (with
-    their tracebacks) or that had not finished when `timeout` seconds ran out.
+    comm is MPI.COMM_WORLD of the job (a duplicate of it in a reused job: reuse_jobs). Raises MPIRunError
+    naming the ranks that raised (with their tracebacks) or that had not finished when `timeout` seconds
+    ran out.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive number of ranks, got {n!r}")
+    pool = _pool_for(n)
+    ran = pool.run(fn, args, kwargs, timeout) if pool else _run_in_a_job_of_its_own(fn, n, args, kwargs, timeout)
+    return _results_or_error(getattr(fn, "__qualname__", repr(fn)), n, timeout, ran)
+
+
+@dataclass
+class _Ran:
+    """What one call of fn on the ranks left: results and tracebacks by rank, and how the job ended."""
+    results: dict
+    failures: dict
+    missing: list
+    timed_out: bool
+    never_started: bool
+    elapsed: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _collect(folder, n):
+    """Each rank's result or traceback from `folder`, and the ranks that left neither."""
+    results, failures, missing = {}, {}, []
+    for rank in range(n):
+        done, failed = folder / f"rank{rank}.result", folder / f"rank{rank}.error"
+        if failed.exists():
+            failures[rank] = failed.read_text()
+        elif done.exists():
+            results[rank] = pickle.loads(done.read_bytes())
+        else:
+            missing.append(rank)
+    return results, failures, missing
+
+
+def _run_in_a_job_of_its_own(fn, n, args, kwargs, timeout):
     import cloudpickle
 
     with tempfile.TemporaryDirectory(prefix="syncml-mpirun-") as tmp:
@@ -163,38 +201,32 @@ def run(fn, n, *args, timeout=60, **kwargs):
             # happened, rarely, on a loaded 2-core machine; try once more before calling it a failure.
             warnings.warn(f"no rank of `{' '.join(cmd[-3:])}` started within {timeout}s: running it again")
             proc, timed_out = _launch(cmd, timeout, finished=saved)
-        elapsed = time.perf_counter() - start
         never_started = timed_out and not any(job.glob("rank*.started"))
+        return _Ran(*_collect(job, n), timed_out, never_started, time.perf_counter() - start, proc.returncode,
+                    proc.stdout, proc.stderr)
 
-        results, failures, missing = {}, {}, []
-        for rank in range(n):
-            done, failed = job / f"rank{rank}.result", job / f"rank{rank}.error"
-            if failed.exists():
-                failures[rank] = failed.read_text()
-            elif done.exists():
-                results[rank] = pickle.loads(done.read_bytes())
-            else:
-                missing.append(rank)
 
-    name = getattr(fn, "__qualname__", repr(fn))
-    killed_after_success = not failures and not missing and not timed_out and proc.returncode == -signal.SIGKILL
-    if (failures or missing or timed_out or proc.returncode != 0) and not killed_after_success:
-        lines = [f"{name} on {n} ranks failed after {elapsed:.1f}s:"]
-        if never_started:
+def _results_or_error(name, n, timeout, ran):
+    killed_after_success = (not ran.failures and not ran.missing and not ran.timed_out
+                            and ran.returncode == -signal.SIGKILL)
+    if (ran.failures or ran.missing or ran.timed_out or ran.returncode not in (0, None)) and not killed_after_success:
+        lines = [f"{name} on {n} ranks failed after {ran.elapsed:.1f}s:"]
+        if ran.never_started:
             lines.append(f"  no rank started within {timeout}s, twice: MPI itself did not start; the job was killed.")
-        elif timed_out:
+        elif ran.timed_out:
             lines.append(f"  timed out after {timeout}s (a deadlock, or too slow); the job was killed.")
-        for rank, tb in sorted(failures.items()):
+        for rank, tb in sorted(ran.failures.items()):
             lines.append(f"  rank {rank} raised:\n" + _tail(tb))
-        if missing:
-            why = "were still running" if timed_out else "did not finish (aborted after another rank failed, or crashed)"
-            lines.append(f"  ranks {missing} {why}.")
-        if not failures and not timed_out:
-            lines.append(f"  mpiexec exited with code {proc.returncode}.")
-        lines.append("  stdout:\n" + _tail(proc.stdout))
-        lines.append("  stderr:\n" + _tail(proc.stderr))
-        raise MPIRunError("\n".join(lines), results, failures, missing, timed_out)
-    return [results[rank] for rank in range(n)]
+        if ran.missing:
+            why = ("were still running" if ran.timed_out
+                   else "did not finish (aborted after another rank failed, or crashed)")
+            lines.append(f"  ranks {ran.missing} {why}.")
+        if not ran.failures and not ran.timed_out:
+            lines.append(f"  mpiexec exited with code {ran.returncode}.")
+        lines.append("  stdout:\n" + _tail(ran.stdout))
+        lines.append("  stderr:\n" + _tail(ran.stderr))
+        raise MPIRunError("\n".join(lines), ran.results, ran.failures, ran.missing, ran.timed_out)
+    return [ran.results[rank] for rank in range(n)]
 
 
 def run_script(argv, n, timeout=60, check=True):
@@ -217,24 +249,161 @@ def _rank_main(job):
     """What each rank runs: load the job, call it, save the result or the traceback."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
-    job = Path(job)
-    (job / f"rank{comm.rank}.started").touch()
+    _run_case(MPI.COMM_WORLD, MPI.COMM_WORLD, Path(job))
+
+
+def _run_case(world, comm, job):
+    """fn(comm, ...) of the job in folder `job`: save this rank's result, or its traceback and abort the
+    whole job (no rank waits forever for a peer that failed)."""
+    (job / f"rank{world.rank}.started").touch()
     try:
         fn, args, kwargs = pickle.loads((job / "job.pkl").read_bytes())
         result = fn(comm, *args, **kwargs)
         data = pickle.dumps(result)
     except BaseException:
-        (job / f"rank{comm.rank}.error").write_text(traceback.format_exc())
+        (job / f"rank{world.rank}.error").write_text(traceback.format_exc())
         sys.stdout.flush()
         sys.stderr.flush()
         time.sleep(0.2)  # let a peer that failed at the same moment save its traceback too
-        comm.Abort(1)
+        world.Abort(1)
     else:
-        tmp = job / f"rank{comm.rank}.tmp"
+        tmp = job / f"rank{world.rank}.tmp"
         tmp.write_bytes(data)
-        tmp.rename(job / f"rank{comm.rank}.result")
+        tmp.rename(job / f"rank{world.rank}.result")
+
+
+# ---------------------------------------------------------------- reused jobs (the test suite's)
+
+_reusing = False
+_POOLS = {}  # n -> the _Pool of n ranks, while reuse_jobs is on
+
+
+def reuse_jobs(on=True):
+    """From now on run() calls fn inside one long-lived mpiexec job per rank count instead of a new job
+    each time (on=False: stop those jobs, and start a job per call again). The test suite does this: its
+    hundreds of small cases would otherwise each pay mpiexec's and Python's start-up. Each case still
+    gets a fresh duplicate of COMM_WORLD; a case that raises, hangs or crashes ends its job, which is
+    started again for the next case; a call made with other environment variables than the job's gets
+    a job of its own."""
+    global _reusing
+    _reusing = on
+    if not on:
+        for pool in list(_POOLS.values()):
+            pool.stop()
+        _POOLS.clear()
+
+
+def _pool_for(n):
+    """The reused job of n ranks for the next case, started if needed; None when not reusing, or when the
+    environment is not the job's (a test that sets an MPI variable gets a job of its own)."""
+    if not _reusing:
+        return None
+    pool = _POOLS.get(n)
+    if pool is not None and (not pool.usable() or pool.env != _child_env()):
+        pool.stop()
+        pool = None
+    if pool is None:
+        pool = _POOLS[n] = _Pool(n)
+    return pool if pool.env == _child_env() else None
+
+
+class _Pool:
+    """One long-lived job of n ranks that runs case after case. The driver writes each case's job.pkl into
+    a folder of its own and names it to every rank through the rank's own FIFO (the ranks wait in a
+    blocking read: an idle job uses no CPU); results come back as files, as from a job of its own. A case
+    that raises (its job aborts), hangs (killed at its timeout) or crashes ends the job; after CASES_PER_JOB
+    cases it is replaced too, so what cases leave behind (communicators, memory) cannot pile up."""
+
+    CASES_PER_JOB = 200
+
+    def __init__(self, n):
+        self.n, self.env, self.cases = n, _child_env(), 0
+        self.folder = Path(tempfile.mkdtemp(prefix=f"syncml-pool{n}-"))
+        for rank in range(n):
+            os.mkfifo(self.folder / f"rank{rank}.fifo")
+        mpienv.remove_leaked_shared_memory()
+        self.out, self.err = open(self.folder / "stdout", "w+"), open(self.folder / "stderr", "w+")
+        cmd = [mpienv.launcher(), "-n", str(n), sys.executable, "-m", "syncml_lib.mpirun", "--serve", str(self.folder)]
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, env=self.env, start_new_session=True)
+        # read-write: opening never blocks, and the ranks read EOF once this process has closed it
+        self.orders = [os.open(self.folder / f"rank{rank}.fifo", os.O_RDWR) for rank in range(n)]
+
+    def usable(self):
+        return self.proc.poll() is None and self.cases < self.CASES_PER_JOB
+
+    def run(self, fn, args, kwargs, timeout):
+        import cloudpickle
+
+        case = self.folder / f"case{self.cases}"
+        case.mkdir()
+        (case / "job.tmp").write_bytes(cloudpickle.dumps((fn, args, kwargs)))
+        (case / "job.tmp").rename(case / "job.pkl")
+        self.cases += 1
+        start = time.perf_counter()
+        for fd in self.orders:
+            os.write(fd, f"{case.name}\n".encode())
+        deadline, timed_out = time.monotonic() + timeout, False
+        finished = lambda: all((case / f"rank{r}.result").exists() or (case / f"rank{r}.error").exists()  # noqa: E731
+                               for r in range(self.n))
+        while not finished() and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            time.sleep(0.002)
+        ended = timed_out or any(case.glob("rank*.error")) or self.proc.poll() is not None
+        if ended:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=0 if timed_out else EXIT_GRACE)  # a failed case aborts the job
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        never_started = timed_out and not any(case.glob("rank*.started"))
+        ran = _Ran(*_collect(case, self.n), timed_out, never_started, time.perf_counter() - start,
+                   self.proc.returncode, _read(self.out), _read(self.err))  # returncode None: the job goes on
+        shutil.rmtree(case, ignore_errors=True)
+        if ended:
+            self.stop()
+        return ran
+
+    def stop(self):
+        """End the job: the ranks read EOF and exit; whatever is still there a moment later is killed."""
+        for fd in self.orders:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.orders = []
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.out.close()
+        self.err.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read(file):
+    file.flush()
+    file.seek(0)
+    return file.read()
+
+
+def _serve(folder):
+    """What each rank of a reused job runs: case after case, each on a fresh duplicate of COMM_WORLD."""
+    from mpi4py import MPI
+
+    world, folder = MPI.COMM_WORLD, Path(folder)
+    with open(folder / f"rank{world.rank}.fifo") as orders:
+        for line in iter(orders.readline, ""):
+            comm = world.Dup()
+            _run_case(world, comm, folder / line.strip())
+            comm.Free()
+
+
+atexit.register(reuse_jobs, False)
 
 
 if __name__ == "__main__":
-    _rank_main(sys.argv[1])
+    if sys.argv[1] == "--serve":
+        _serve(sys.argv[2])
+    else:
+        _rank_main(sys.argv[1])

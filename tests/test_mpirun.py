@@ -6,7 +6,16 @@ import pytest
 
 from syncml_lib import mpirun
 from syncml_lib.mpirun import MPINotFoundError, MPIRunError, run, run_script
-from helpers import alive, descendants
+from helpers import alive, descendants, still_alive_after
+
+
+@pytest.fixture(autouse=True)
+def jobs_of_their_own():
+    """These tests are about a job per call (the learner's way); the reused jobs have their own tests below."""
+    reusing = mpirun._reusing
+    mpirun.reuse_jobs(False)
+    yield
+    mpirun.reuse_jobs(reusing)
 
 
 def rank_and_sum(comm, offset):
@@ -96,3 +105,60 @@ def test_a_job_whose_ranks_all_returned_but_that_hangs_on_exit_gives_its_results
     with pytest.warns(UserWarning, match="every rank .* returned, but mpiexec had not exited 2s later"):
         assert run(hangs_at_exit, 3, timeout=60) == [0, 1, 2]
     assert time.monotonic() - start < 20      # the grace period, not the timeout
+
+
+# ---------------------------------------------------------------- reused jobs (the test suite's way, #24)
+
+def pid_and_sum(comm, offset):
+    import os
+
+    return os.getpid(), rank_and_sum(comm, offset)
+
+
+def a_duplicate_of_the_world(comm):
+    from mpi4py import MPI
+
+    return comm.Compare(MPI.COMM_WORLD) == MPI.CONGRUENT
+
+
+def test_reused_jobs_run_case_after_case_in_the_same_processes_each_on_a_fresh_comm():
+    mpirun.reuse_jobs(True)
+    first, second = run(pid_and_sum, 3, 1), run(pid_and_sum, 3, 2)
+    assert [pid for pid, _ in first] == [pid for pid, _ in second]
+    assert [result for _, result in second] == [(r, 3, sum(x + 2 for x in range(3))) for r in range(3)]
+    assert run(a_duplicate_of_the_world, 2) == [True, True]
+
+
+def test_a_broken_case_in_a_reused_job_is_named_and_its_neighbours_pass():
+    mpirun.reuse_jobs(True)
+    before = [pid for pid, _ in run(pid_and_sum, 4, 0)]
+    with pytest.raises(MPIRunError) as raised:
+        run(fails_on_rank_two, 4, timeout=60)
+    assert "fails_on_rank_two on 4 ranks failed" in str(raised.value)
+    assert "rank 2 raised" in str(raised.value) and "ValueError: rank two is unhappy" in str(raised.value)
+    after = run(pid_and_sum, 4, 0)  # the next case gets a new job: the failed one aborted
+    assert [result for _, result in after] == [(r, 4, 6.0) for r in range(4)]
+    assert alive(before) == []
+    with pytest.raises(MPIRunError) as hung:
+        run(deadlock, 4, timeout=2)
+    assert "deadlock on 4 ranks failed" in str(hung.value) and "timed out after 2s" in str(hung.value)
+    assert "ranks [0] were still running" in str(hung.value)
+    assert run(rank_and_sum, 4, 1) == [(r, 4, 10.0) for r in range(4)]
+
+
+def test_a_call_with_other_mpi_settings_gets_a_job_of_its_own(monkeypatch):
+    mpirun.reuse_jobs(True)
+    reused = {pid for pid, _ in run(pid_and_sum, 2, 0)}
+    monkeypatch.setenv("MPIR_CVAR_ASYNC_PROGRESS", "0")
+    own = {pid for pid, _ in run(pid_and_sum, 2, 0)}
+    assert own.isdisjoint(reused)
+
+
+def test_a_reused_job_is_replaced_after_its_quota_of_cases_and_nothing_is_left_when_reuse_stops(monkeypatch):
+    mpirun.reuse_jobs(True)
+    monkeypatch.setattr(mpirun._Pool, "CASES_PER_JOB", 2)
+    pids = [run(pid_and_sum, 2, 0)[0][0] for _ in range(3)]
+    assert pids[0] == pids[1] != pids[2]
+    started = set(descendants())
+    mpirun.reuse_jobs(False)
+    assert still_alive_after(started, seconds=5) == []

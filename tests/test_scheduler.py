@@ -89,10 +89,13 @@ def silent_job(comm, schedule, lease, die):
 
 @pytest.mark.parametrize("schedule", ["static", "dynamic", "guided"])
 def test_with_a_lease_nothing_is_lost_when_a_worker_dies(schedule):
-    reports = run(silent_job, 4, schedule, 0.2, {1: 3}, timeout=60)
+    # Worker 1 goes silent at the second task of its first hand-out, which holds at least 2 tasks under
+    # every schedule here (chunk=2): it dies holding tasks whatever the timing. (Dying after its third
+    # task, it could find the queue empty by then, and then nothing was reassigned: a flaky test.)
+    reports = run(silent_job, 4, schedule, 0.2, {1: 1}, timeout=60)
     results, per_worker, reassigned = reports[0]
     assert results == [square(t) for t in range(24)]
-    assert per_worker[1] <= 3                                   # its tasks after the third were done by others
+    assert per_worker[1] == 0               # silent before reporting its first hand-out: others did it all
     assert reassigned and all(worker == 1 for _, worker in reassigned)
     assert all(report == reports[0] for report in reports)
 
