@@ -323,9 +323,9 @@ class EngineScheduler:
     def _join_new_engines(self):
         """Step 5: engines the client knows and we do not (at the start, and replacements) join."""
         for engine in set(self.client.ids) - set(self.engines) - set(self.dead):
-            view = self.client[engine]
-            view.use_cloudpickle()
-            try:
+            try:  # client[engine] too: the client's IO thread may have unregistered it since client.ids
+                view = self.client[engine]
+                view.use_cloudpickle()
                 self.engines[engine] = view.apply_async(_whoami).get(timeout=10)
                 self.views[engine] = view
             except Exception:

@@ -420,6 +420,28 @@ def test_the_masters_work_per_task_does_not_grow_with_the_number_of_tasks(monkey
     assert per_task["done"] < 10 and per_task["looked at"] < 4 * sched.WINDOW, per_task
 
 
+class VanishingEngineClient(FakeClient):
+    """client.ids still lists engine 2, but it unregisters before the scheduler asks for its view: like
+    ipyparallel's Client, whose IO thread removes a dead engine from client._ids at any moment, and
+    client[2] then raises IndexError("No such engine: 2") (Client._build_targets)."""
+
+    @property
+    def ids(self):
+        return [0, 1, 2]
+
+    def __getitem__(self, engine):
+        if engine == 2:
+            raise IndexError(f"No such engine: {engine}")
+        return self.views[engine]
+
+
+def test_an_engine_that_unregisters_while_joining_is_counted_dead_and_the_map_runs_on_the_others():
+    sched = EngineScheduler(VanishingEngineClient(2))
+    assert sched.map(abs, range(-20, 0), timeout=30) == list(range(20, 0, -1))
+    assert sched.dead == [2] and sorted(sched.engines) == [0, 1]
+    assert {row["engine"] for row in sched.records} == {0, 1}
+
+
 def test_a_failure_at_the_head_of_a_long_chain_fails_every_link_by_name():
     sched = EngineScheduler(FakeClient(1))
     chain = [sched.submit(divmod, 1, 0, name="link 0")]
