@@ -275,6 +275,7 @@ def _run_case(world, comm, job):
 # ---------------------------------------------------------------- reused jobs (the test suite's)
 
 _reusing = False
+START_LIMIT = 60  # seconds a reused job gets to start, before its first case's own time limit begins
 _POOLS = {}  # n -> the _Pool of n ranks, while reuse_jobs is on
 
 
@@ -299,12 +300,18 @@ def _pool_for(n):
     if not _reusing:
         return None
     pool = _POOLS.get(n)
-    if pool is not None and (not pool.usable() or pool.env != _child_env()):
+    if pool is not None and not pool.usable():
         pool.stop()
         pool = None
     if pool is None:
         pool = _POOLS[n] = _Pool(n)
-    return pool if pool.env == _child_env() else None
+    return pool if _settings(pool.env) == _settings(_child_env()) else None
+
+
+def _settings(env):
+    """What of an environment a reused job must share with a call: all but pytest's own note of the test
+    that is running (PYTEST_CURRENT_TEST changes with every test, and would end every job after one test)."""
+    return {name: value for name, value in env.items() if not name.startswith("PYTEST_")}
 
 
 class _Pool:
@@ -342,10 +349,14 @@ class _Pool:
         start = time.perf_counter()
         for fd in self.orders:
             os.write(fd, f"{case.name}\n".encode())
-        deadline, timed_out = time.monotonic() + timeout, False
+        # the time limit counts from the moment every rank has the case: a job still starting (its first
+        # case) gets START_LIMIT seconds for that, so a short limit meant for the case is not spent on it
+        deadline, timed_out, started = time.monotonic() + max(timeout, START_LIMIT), False, False
         finished = lambda: all((case / f"rank{r}.result").exists() or (case / f"rank{r}.error").exists()  # noqa: E731
                                for r in range(self.n))
         while not finished() and self.proc.poll() is None:
+            if not started and all((case / f"rank{r}.started").exists() for r in range(self.n)):
+                started, deadline = True, time.monotonic() + timeout
             if time.monotonic() > deadline:
                 timed_out = True
                 break
