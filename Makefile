@@ -41,8 +41,9 @@ lab: install
 	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks \
 		--ServerApp.ip=$(IP) --port=$(PORT) $(ROOT_FLAG) $(LAB_ARGS)
 
-## Everything: unit tests under real mpiexec, nbval on notebooks/; solutions/ and exercises/ run under nbval
-## through the grader (tests/test_grade.py: every solution's checks pass, every exercise's fail)
+## Everything: unit tests under real mpiexec, nbval on notebooks/; solutions/ run under nbval through the
+## grader (tests/test_grade.py: every solution's checks pass, an exercise notebook's fail; every stub fails
+## its check in tests/test_exercises.py); ends with the time per chapter and the 20 slowest items
 test: install
 	$(BIN)/python -m pytest tests notebooks $(NBVAL) $(PYTEST_ARGS)
 
