@@ -162,3 +162,23 @@ def test_a_reused_job_is_replaced_after_its_quota_of_cases_and_nothing_is_left_w
     started = set(descendants())
     mpirun.reuse_jobs(False)
     assert still_alive_after(started, seconds=5) == []
+
+
+def breaks_the_library(comm):
+    import syncml_lib.scheduler as scheduler
+
+    scheduler.guided_chunk = lambda remaining, workers, min_chunk: "broken"  # and never put back
+    return scheduler.guided_chunk(10, 2, 1)
+
+
+def guided_chunk_of_10_on_2(comm):
+    from syncml_lib.scheduler import guided_chunk
+
+    return guided_chunk(10, 2, 1)
+
+
+def test_a_case_that_rebinds_a_library_function_leaves_the_next_case_the_original():
+    mpirun.reuse_jobs(True)
+    assert run(guided_chunk_of_10_on_2, 2) == [5, 5]  # the module is loaded on the ranks from here on
+    assert run(breaks_the_library, 2) == ["broken", "broken"]
+    assert run(guided_chunk_of_10_on_2, 2) == [5, 5]
