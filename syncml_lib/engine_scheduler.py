@@ -22,7 +22,8 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
    default, sends an engine its next task after its reply; per_engine=2 keeps two tasks on each engine,
    one running and one to start as soon as it ends (a task that becomes ready meanwhile, perhaps the
    next link of the critical path, then waits behind one already sent).
-4. Wait for the first attempt to end (ipyparallel's AsyncResults are concurrent.futures Futures):
+4. Wait for the first attempt to end (ipyparallel's AsyncResults are concurrent.futures Futures; each one's
+   done-callback, run by the client's IO thread, puts it in a queue the loop blocks on):
    - it returned: keep its result (once); its dependents may become ready;
    - it raised: the task fails, and so does every task that depends on it, naming it (no retry: a bug
      raises again on another engine). Everything else still runs;
@@ -48,13 +49,18 @@ per_engine=1 an engine waits a round trip through this kernel between tasks, whi
 per_engine=2 sends each engine its next task while it runs one, so it starts it at once. What
 per_engine=2 costs: a task can wait behind a long one on its engine while another engine is free, each
 attempt writes a few bytes to a file before it starts (above), and a death is told apart exactly only
-on the master's machine. On empty tasks neither setting is reliably faster than the other, nor than
-ipyparallel's load-balanced view (README: the engines benchmark): most of the kernel's time per task is
-ipyparallel's own apply_async. The master's work per step (one pass of
-the loop in `run`) is O(engines) for a map: the engines, the attempts out, and the front of the queue
+on the master's machine. On empty tasks the kernel is what limits the rate (README: the engines
+benchmark): its main thread and the client's IO thread share one interpreter, and most of their time per
+task is ipyparallel's own (the request, its futures and AsyncResult, the reply), which the load-balanced
+view pays too. So the master sends through _Sender, not the engine's view (through the view, with its
+per-call bookkeeping, a map of empty tasks took about a fifth longer: README), and blocks on a queue
+that the attempts' done-callbacks fill, not on concurrent.futures.wait over every attempt out;
+per_engine=2 is no faster there, since idle engines are not the limit. The master's work per step (one
+pass of the loop in `run`) is O(engines) for a map: the engines, the attempts out, and the front of the queue
 until every free place has a ready task; a finished task leaves the pending tasks, the queue (lazily)
 and the tasks waited for in O(1). In a graph the queue's front can also hold tasks still waiting for
-dependencies: the step passes over those too (ready_tasks is asked WINDOW of them at a time). Checking
+dependencies: the step passes over those too (ready_tasks is asked about a window of the queue at a
+time: the free places plus the attempts out, doubling up to WINDOW). Checking
 the graph and ordering it cost O(tasks + dependencies) once per call of run.
 
 Ctrl-C (Kernel > Interrupt) aborts the tasks waiting on the engines, sends SIGINT to the engines running
@@ -65,6 +71,7 @@ stay usable.
 import concurrent.futures
 import itertools
 import os
+import queue
 import signal
 import socket
 import tempfile
@@ -116,11 +123,13 @@ class TaskFuture:
         return f"<TaskFuture {self.name!r} {state}>"
 
 
-def _timed(fn, args, mark=None):
-    """Runs on an engine: fn(*args) and when it started and ended (time.time(), one clock per machine).
-    mark=(path, attempt): first write the attempt into the file at path (the master reads it if the engine
-    dies: EngineScheduler._lose_engine)."""
+def _timed(call):
+    """Runs on an engine: call = (fn, args, mark); fn(*args) and when it started and ended (time.time(),
+    one clock per machine). mark=(path, attempt): first write the attempt into the file at path (the
+    master reads it if the engine dies: EngineScheduler._lose_engine). One argument, not three: ipyparallel
+    pickles each argument of an apply on its own, and this one is sent once per attempt."""
     import time
+    fn, args, mark = call
     if mark is not None:
         with open(mark[0], "w") as out:
             out.write(mark[1])
@@ -129,10 +138,34 @@ def _timed(fn, args, mark=None):
     return result, start, time.time()
 
 
+class _Sender:
+    """Sends one engine of an ipyparallel Client its tasks: what engine_view.apply_async(f, *args) does
+    (DirectView._really_apply: Client.send_apply_request, then an AsyncResult), without the view's own
+    bookkeeping, which the master does not use: the decorators that bind the call's arguments and sync
+    the view's history and outstanding set on every call (through the view, a map of empty tasks took
+    about a fifth longer: README, the engines benchmark). The AsyncResult is the same: an EngineError when
+    the engine dies, client.abort works on it. An engine the client no longer knows (it died while idle)
+    raises IndexError, as the view does."""
+
+    def __init__(self, client, engine):
+        self.client, self.engine = client, engine
+
+    def apply_async(self, f, *args):
+        from ipyparallel.client.asyncresult import AsyncResult
+        idents, targets = self.client._build_targets(self.engine)
+        future = self.client.send_apply_request(self.client._mux_stream, f, args, ident=idents[0])
+        return AsyncResult(self.client, future, fname=f.__name__, targets=targets, owner=True)
+
+
 def _whoami():
     import os
     import socket
     return os.getpid(), socket.gethostname()
+
+
+def _is_ipyparallel(client):
+    import ipyparallel
+    return isinstance(client, ipyparallel.Client)
 
 
 def _engine_died(error):
@@ -177,10 +210,12 @@ class EngineScheduler:
         self.queue = []               # the pending tasks of the graph that runs, in hand-out order (below)
         self.dependents = {}          # pending task -> the pending tasks that depend on it (_check_graph)
         self.running = {}             # AsyncResult -> (task, engine, start time)
+        self.replies = queue.SimpleQueue()  # AsyncResults that have ended, put by the client's IO thread
         self.marks = {}               # AsyncResult -> the attempt's name in the engine's file (per_engine > 1)
         self._folder = None           # where the engines write the attempt they start (per_engine > 1)
         self.engines = {}             # engine id -> (pid, hostname), the live ones this scheduler knows
-        self.views = {}               # engine id -> a DirectView of that engine alone
+        self.views = {}               # engine id -> what sends it tasks (_Sender; for a client that is
+                                      # not ipyparallel's, the fake in the tests, client[engine])
         self.tasks = {}               # name -> TaskFuture, every task submitted with a name
         self.records = []             # one row per attempt
         self.dead = []                # ids of the engines seen dying
@@ -275,14 +310,26 @@ class EngineScheduler:
                         time.sleep(0.05)
                 else:
                     no_engine_since = None
-                    self._collect(concurrent.futures.wait(list(self.running), timeout=0.5,
-                                                          return_when=concurrent.futures.FIRST_COMPLETED).done)
+                    self._collect(self._ended_attempts(timeout=0.5))
                 left.difference_update(self._just_finished)
                 self._just_finished.clear()
                 if deadline is not None and time.monotonic() > deadline and left:
                     raise TimeoutError(f"{len(left)} tasks not finished after {timeout} s")
         except KeyboardInterrupt:
             self._interrupted()
+
+    def _ended_attempts(self, timeout):
+        """The AsyncResults that have ended since the last call: one blocking get on self.replies (each
+        attempt's done-callback puts it there; timeout in seconds), then whatever else is there already.
+        O(1) per attempt, whatever the number of engines; an attempt already handled (its engine died, or
+        the run was interrupted) is skipped by _collect."""
+        try:
+            ended = [self.replies.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self.replies.empty():
+            ended.append(self.replies.get())
+        return ended
 
     def _check_graph(self):
         """Step 1: every dependency is a task of this scheduler, and there is no cycle. Also lists each
@@ -327,7 +374,7 @@ class EngineScheduler:
                 view = self.client[engine]
                 view.use_cloudpickle()
                 self.engines[engine] = view.apply_async(_whoami).get(timeout=10)
-                self.views[engine] = view
+                self.views[engine] = _Sender(self.client, engine) if _is_ipyparallel(self.client) else view
             except Exception:
                 self.dead.append(engine)  # it died while joining
 
@@ -352,7 +399,9 @@ class EngineScheduler:
     def _hand_out(self):
         """Steps 2 and 3: each idle engine gets the next ready task of the queue (with self.per_engine > 1, up to
         that many each, first one for every engine). ready_tasks is asked about the queue a window at a time,
-        from its first unfinished task, only until every free place has a task (a long map stays cheap)."""
+        from its first unfinished task, only until every free place has a task (a long map stays cheap): the
+        first window as long as the free places plus the attempts out (in a map those come first), each next
+        one twice as long, up to WINDOW."""
         held = {engine: 0 for engine in self.engines}
         for _, engine, _ in self.running.values():
             held[engine] += 1
@@ -362,13 +411,15 @@ class EngineScheduler:
         running = {task for task, _, _ in self.running.values()}
         while self._head < len(self.queue) and self.queue[self._head].done():
             self._head += 1
-        ready = []
-        for i in range(self._head, len(self.queue), self.WINDOW):
-            window = self.queue[i:i + self.WINDOW]
+        ready, i = [], self._head
+        size = min(len(places) + len(running), self.WINDOW)  # the running tasks may come first in the queue
+        while i < len(self.queue) and len(ready) < len(places):
+            window = self.queue[i:i + size]
             ready += ready_tasks(window, {t: t.depends_on for t in window}, self.finished, running)
-            if len(ready) >= len(places):
-                break
+            i, size = i + size, min(2 * size, self.WINDOW)
         for task, engine in zip(ready, places):
+            if engine not in self.engines:  # found dead below, at an earlier place of this step
+                continue
             args = tuple(a._result if isinstance(a, TaskFuture) else a for a in task.args)
             task.attempts += 1
             mark = None
@@ -376,8 +427,14 @@ class EngineScheduler:
                 if self._folder is None:  # removed when the scheduler is (TemporaryDirectory's finalizer)
                     self._folder = tempfile.TemporaryDirectory(prefix="syncml-attempts-")
                 mark = (os.path.join(self._folder.name, f"engine {engine}"), f"{task.name}#{task.attempts}")
-            ar = self.views[engine].apply_async(_timed, task.fn, args, mark)
+            try:
+                ar = self.views[engine].apply_async(_timed, (task.fn, args, mark))
+            except IndexError:  # "No such engine": it died while it held no task of ours (no EngineError)
+                task.attempts -= 1
+                self._lose_engine(engine)
+                continue
             self.running[ar] = (task, engine, time.time())
+            ar.add_done_callback(self.replies.put)  # called by the IO thread once the reply is unpacked
             if mark is not None:
                 self.marks[ar] = mark[1]
 

@@ -442,6 +442,30 @@ def test_an_engine_that_unregisters_while_joining_is_counted_dead_and_the_map_ru
     assert {row["engine"] for row in sched.records} == {0, 1}
 
 
+class IdleDeathClient(FakeClient):
+    """Engine 1 dies while it holds no task of ours, after the scheduler has its view: no task of ours
+    gets an EngineError, and the view refuses to send, like ipyparallel's once the client's IO thread has
+    unregistered the engine: IndexError("No such engine: 1")."""
+
+    def __init__(self):
+        super().__init__(2)
+        self.joined = self.views[1].apply_async  # the scheduler's first call: it asks the engine's pid
+        self.views[1].apply_async = self.refuse
+
+    def refuse(self, fn, *args):
+        if self.joined is not None:
+            join, self.joined = self.joined, None
+            return join(fn, *args)
+        raise IndexError("No such engine: 1")
+
+
+def test_an_engine_that_died_idle_is_counted_dead_when_it_would_get_a_task_and_the_task_goes_elsewhere():
+    sched = EngineScheduler(IdleDeathClient(), retries=0, per_engine=2)
+    assert sched.map(abs, range(-20, 0), timeout=30) == list(range(20, 0, -1))
+    assert sched.dead == [1] and {row["engine"] for row in sched.records} == {0}
+    assert all(row["attempt"] == 1 and row["outcome"] == "done" for row in sched.records)
+
+
 def test_a_failure_at_the_head_of_a_long_chain_fails_every_link_by_name():
     sched = EngineScheduler(FakeClient(1))
     chain = [sched.submit(divmod, 1, 0, name="link 0")]
