@@ -49,13 +49,17 @@ per_engine=1 an engine waits a round trip through this kernel between tasks, whi
 per_engine=2 sends each engine its next task while it runs one, so it starts it at once. What
 per_engine=2 costs: a task can wait behind a long one on its engine while another engine is free, each
 attempt writes a few bytes to a file before it starts (above), and a death is told apart exactly only
-on the master's machine. On empty tasks the kernel is what limits the rate (README: the engines
-benchmark): its main thread and the client's IO thread share one interpreter, and most of their time per
+on the master's machine. On empty tasks the kernel, not the engines, seems to limit the rate (README: the
+engines benchmark): its main thread and the client's IO thread share one interpreter, and most of their time per
 task is ipyparallel's own (the request, its futures and AsyncResult, the reply), which the load-balanced
 view pays too. So the master sends through _Sender, not the engine's view (through the view, with its
 per-call bookkeeping, a map of empty tasks took about a fifth longer: README), and blocks on a queue
-that the attempts' done-callbacks fill, not on concurrent.futures.wait over every attempt out;
-per_engine=2 is no faster there, since idle engines are not the limit. The master's work per step (one
+that the attempts' done-callbacks fill, not on concurrent.futures.wait over every attempt out. It is
+level with the view, not reliably above it (README: 0.98x to 1.07x over three runs in a row, the ratio
+moving by about 0.1 from run to run): the rest of the kernel's time per task is ipyparallel's, and the
+view's own scheduler, another process, sends each engine its next task without a round trip through the
+kernel, which ours needs for each task with per_engine=1. per_engine=2, which keeps the engines busy,
+is not reliably faster there. The master's work per step (one
 pass of the loop in `run`) is O(engines) for a map: the engines, the attempts out, and the front of the queue
 until every free place has a ready task; a finished task leaves the pending tasks, the queue (lazily)
 and the tasks waited for in O(1). In a graph the queue's front can also hold tasks still waiting for
@@ -369,11 +373,17 @@ class EngineScheduler:
 
     def _join_new_engines(self):
         """Step 5: engines the client knows and we do not (at the start, and replacements) join."""
+        asked = {}  # every new engine is asked at once, then the answers are read: one round trip in all
         for engine in set(self.client.ids) - set(self.engines) - set(self.dead):
             try:  # client[engine] too: the client's IO thread may have unregistered it since client.ids
                 view = self.client[engine]
                 view.use_cloudpickle()
-                self.engines[engine] = view.apply_async(_whoami).get(timeout=10)
+                asked[engine] = (view, view.apply_async(_whoami))
+            except Exception:
+                self.dead.append(engine)  # it died while joining
+        for engine, (view, whoami) in sorted(asked.items()):
+            try:
+                self.engines[engine] = whoami.get(timeout=10)
                 self.views[engine] = _Sender(self.client, engine) if _is_ipyparallel(self.client) else view
             except Exception:
                 self.dead.append(engine)  # it died while joining
