@@ -306,12 +306,10 @@ class EngineScheduler:
                 if not self.running:
                     if self.engines:
                         raise RuntimeError("nothing is running and nothing is ready: a bug in the scheduler")
-                    else:
-                        no_engine_since = no_engine_since or time.monotonic()
-                        if time.monotonic() - no_engine_since > self.engine_wait:
-                            self._fail_everything_left(f"no engine left alive (waited {self.engine_wait:.0f} s "
-                                                       f"for one)")
-                        time.sleep(0.05)
+                    no_engine_since = no_engine_since or time.monotonic()
+                    if time.monotonic() - no_engine_since > self.engine_wait:
+                        self._fail_everything_left(f"no engine left alive (waited {self.engine_wait:.0f} s for one)")
+                    time.sleep(0.05)
                 else:
                     no_engine_since = None
                     self._collect(self._ended_attempts(timeout=0.5))
