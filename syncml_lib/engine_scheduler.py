@@ -22,8 +22,8 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
    default, sends an engine its next task after its reply; per_engine=2 keeps two tasks on each engine,
    one running and one to start as soon as it ends (a task that becomes ready meanwhile, perhaps the
    next link of the critical path, then waits behind one already sent).
-4. Wait for the first attempt to end (ipyparallel's AsyncResults are concurrent.futures Futures; each one's
-   done-callback, run by the client's IO thread, puts it in a queue the loop blocks on):
+4. Wait for the first attempt to end (each attempt is a concurrent.futures Future, the request's
+   MessageFuture; its done-callback, run by the client's IO thread, puts it in a queue the loop blocks on):
    - it returned: keep its result (once); its dependents may become ready;
    - it raised: the task fails, and so does every task that depends on it, naming it (no retry: a bug
      raises again on another engine). Everything else still runs;
@@ -33,7 +33,7 @@ The master is the loop in `run` (called by map, result and wait), one step at a 
      Which task killed an engine that held two (per_engine=2): not simply the first one sent to it. A
      task that had finished may have lost its reply: ipyparallel fails every task still out on an engine
      with an EngineError as soon as it hears of the death (`Client._handle_stranded_msgs`), a reply
-     that comes later is dropped (the AsyncResult has already cleaned up), and a reply still in the
+     that comes later is dropped (the client has already forgotten the request), and a reply still in the
      engine's send buffer dies with it. So with two tasks per engine, the engine writes the attempt it is
      about to start into a file of this scheduler's (a temporary folder; one file per engine), and the
      master reads it when the engine dies: that attempt killed it and uses a retry; the ones sent before
@@ -49,17 +49,16 @@ per_engine=1 an engine waits a round trip through this kernel between tasks, whi
 per_engine=2 sends each engine its next task while it runs one, so it starts it at once. What
 per_engine=2 costs: a task can wait behind a long one on its engine while another engine is free, each
 attempt writes a few bytes to a file before it starts (above), and a death is told apart exactly only
-on the master's machine. On empty tasks the kernel, not the engines, seems to limit the rate (README: the
-engines benchmark): its main thread and the client's IO thread share one interpreter, and most of their time per
-task is ipyparallel's own (the request, its futures and AsyncResult, the reply), which the load-balanced
-view pays too. So the master sends through _Sender, not the engine's view (through the view, with its
-per-call bookkeeping, a map of empty tasks took about a fifth longer: README), and blocks on a queue
-that the attempts' done-callbacks fill, not on concurrent.futures.wait over every attempt out. It is
-level with the view, not reliably above it (README: 0.98x to 1.07x over three runs in a row, the ratio
-moving by about 0.1 from run to run): the rest of the kernel's time per task is ipyparallel's, and the
-view's own scheduler, another process, sends each engine its next task without a round trip through the
-kernel, which ours needs for each task with per_engine=1. per_engine=2, which keeps the engines busy,
-is not reliably faster there. The master's work per step (one
+on the master's machine. On empty tasks the kernel, not the engines, limits the rate (README: the
+engines benchmark): its main thread and the client's IO thread share one interpreter, and most of their
+time per task is ipyparallel's own (building and sending the request, unpacking the reply). So the
+master sends through _Sender (Client.send_apply_request and nothing more: no view, no AsyncResult), and
+blocks on a queue that the attempts' done-callbacks fill, not on concurrent.futures.wait over every
+attempt out. With that the default made 1.11x, 1.18x and 1.21x the load-balanced view's rate of empty
+tasks in three runs in a row (README), although the view's own scheduler, another process, sends each
+engine its next task without the round trip through the kernel that ours needs with per_engine=1: the
+view's kernel side also builds an AsyncResult per task. per_engine=2 keeps the engines busy but is not
+faster there (1.02x to 1.18x): the engines are not what is short. The master's work per step (one
 pass of the loop in `run`) is O(engines) for a map: the engines, the attempts out, and the front of the queue
 until every free place has a ready task; a finished task leaves the pending tasks, the queue (lazily)
 and the tasks waited for in O(1). In a graph the queue's front can also hold tasks still waiting for
@@ -143,22 +142,21 @@ def _timed(call):
 
 
 class _Sender:
-    """Sends one engine of an ipyparallel Client its tasks: what engine_view.apply_async(f, *args) does
-    (DirectView._really_apply: Client.send_apply_request, then an AsyncResult), without the view's own
-    bookkeeping, which the master does not use: the decorators that bind the call's arguments and sync
-    the view's history and outstanding set on every call (through the view, a map of empty tasks took
-    about a fifth longer: README, the engines benchmark). The AsyncResult is the same: an EngineError when
-    the engine dies, client.abort works on it. An engine the client no longer knows (it died while idle)
-    raises IndexError, as the view does."""
+    """Sends one engine of an ipyparallel Client its tasks: Client.send_apply_request, what
+    engine_view.apply_async(f, *args) does underneath (DirectView._really_apply), and no more. It returns
+    the request's MessageFuture, a concurrent.futures Future whose result the client's IO thread sets to
+    the task's return value or to the exception it stored (RemoteError; EngineError when the engine died:
+    Client._handle_stranded_msgs), and which the client forgets by itself once it is done. The view would
+    also wrap it in an AsyncResult and sync its history and outstanding set on every call: more objects
+    and locks per task in this kernel, which limits the rate of tiny tasks (README, the engines benchmark).
+    An engine the client no longer knows (it died while idle) raises IndexError, as the view does."""
 
     def __init__(self, client, engine):
         self.client, self.engine = client, engine
 
     def apply_async(self, f, *args):
-        from ipyparallel.client.asyncresult import AsyncResult
-        idents, targets = self.client._build_targets(self.engine)
-        future = self.client.send_apply_request(self.client._mux_stream, f, args, ident=idents[0])
-        return AsyncResult(self.client, future, fname=f.__name__, targets=targets, owner=True)
+        idents, _ = self.client._build_targets(self.engine)
+        return self.client.send_apply_request(self.client._mux_stream, f, args, ident=idents[0])
 
 
 def _whoami():
@@ -173,7 +171,7 @@ def _is_ipyparallel(client):
 
 
 def _engine_died(error):
-    return getattr(error, "ename", None) == "EngineError"
+    return isinstance(error, BaseException) and getattr(error, "ename", None) == "EngineError"
 
 
 # ----------------------------------------------------------------------------- the two rules of the master
@@ -213,9 +211,9 @@ class EngineScheduler:
         self.pending = {}             # submitted, not finished, in submission order (a dict: removal in O(1))
         self.queue = []               # the pending tasks of the graph that runs, in hand-out order (below)
         self.dependents = {}          # pending task -> the pending tasks that depend on it (_check_graph)
-        self.running = {}             # AsyncResult -> (task, engine, start time)
-        self.replies = queue.SimpleQueue()  # AsyncResults that have ended, put by the client's IO thread
-        self.marks = {}               # AsyncResult -> the attempt's name in the engine's file (per_engine > 1)
+        self.running = {}             # attempt (a Future: _Sender) -> (task, engine, start time)
+        self.replies = queue.SimpleQueue()  # attempts that have ended, put by the client's IO thread
+        self.marks = {}               # attempt -> the attempt's name in the engine's file (per_engine > 1)
         self._folder = None           # where the engines write the attempt they start (per_engine > 1)
         self.engines = {}             # engine id -> (pid, hostname), the live ones this scheduler knows
         self.views = {}               # engine id -> what sends it tasks (_Sender; for a client that is
@@ -381,7 +379,7 @@ class EngineScheduler:
                 self.dead.append(engine)  # it died while joining
         for engine, (view, whoami) in sorted(asked.items()):
             try:
-                self.engines[engine] = whoami.get(timeout=10)
+                self.engines[engine] = whoami.result(timeout=10)
                 self.views[engine] = _Sender(self.client, engine) if _is_ipyparallel(self.client) else view
             except Exception:
                 self.dead.append(engine)  # it died while joining
@@ -452,13 +450,10 @@ class EngineScheduler:
             if ar not in self.running:  # already handled with the other tasks of its dead engine
                 continue
             task, engine, sent = self.running[ar]
-            try:
-                reply = ar.get()
-            except Exception as error:
-                if _engine_died(error):
-                    self._lose_engine(engine)
-                    continue
-                reply = error
+            reply = ar.result()  # the value, or the exception the client stored (not raised: _Sender)
+            if _engine_died(reply):
+                self._lose_engine(engine)
+                continue
             del self.running[ar]
             self.marks.pop(ar, None)
             self._ended(task, engine, sent, reply)
@@ -562,7 +557,7 @@ class EngineScheduler:
         for engine, ars in by_engine.items():
             if len(ars) > 1 and engine in self.engines:
                 try:
-                    self.client.abort(jobs=ars[1:], targets=[engine], block=True)
+                    self.client.abort(jobs=[ar.msg_id for ar in ars[1:]], targets=[engine], block=True)
                 except Exception:
                     pass  # the engine died meanwhile: nothing waits there any more
         for task, engine, _ in list(self.running.values()):

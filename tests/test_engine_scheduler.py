@@ -277,12 +277,12 @@ class FakeRemoteError(Exception):
 
 
 class FakeAsyncResult(concurrent.futures.Future):
+    """Like the MessageFuture of an ipyparallel request: its result is the reply, an exception included
+    (the client stores it, it does not raise it)."""
+
     def __init__(self, msg_id):
         super().__init__()
-        self.msg_ids = [msg_id]
-
-    def get(self, timeout=None):
-        return self.result(timeout)
+        self.msg_id = msg_id
 
 
 class FakeEngine:
@@ -328,16 +328,16 @@ class FakeEngine:
 
     def _reply(self, ar, reply):
         with self.client.lock:
-            self.client.results[ar.msg_ids[0]] = reply
+            self.client.results[ar.msg_id] = reply
             if ar in self.out:
                 self.out.remove(ar)
-                (ar.set_exception if isinstance(reply, Exception) else ar.set_result)(reply)
+                ar.set_result(reply)
 
     def _died(self):
         for ar in self.out:
-            error = FakeRemoteError("EngineError", f"Engine {self.engine} died while running task {ar.msg_ids[0]}")
-            self.client.results[ar.msg_ids[0]] = error
-            ar.set_exception(error)
+            error = FakeRemoteError("EngineError", f"Engine {self.engine} died while running task {ar.msg_id}")
+            self.client.results[ar.msg_id] = error
+            ar.set_result(error)
         self.out.clear()
 
 

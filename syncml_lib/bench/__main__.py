@@ -75,7 +75,7 @@ def parser():
                                   "(plain engines, no mpiexec)")
     engines.add_argument("--engines", type=int, default=4, help="plain engines to start (default: %(default)s)")
     engines.add_argument("--tasks", type=int, default=1000, help="empty tasks per throughput run (default: %(default)s)")
-    engines.add_argument("--repeat", type=int, default=3,
+    engines.add_argument("--repeat", type=int, default=7,
                          help="runs per throughput and makespan measurement (default: %(default)s)")
 
     scaling = commands.add_parser("scaling", help="chapter 07: step time over 1..p ranks beside the cost model, "
