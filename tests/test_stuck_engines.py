@@ -81,7 +81,8 @@ def test_a_hang_is_reported_once_and_the_next_check_runs_on_new_engines(view):
 
 def test_a_check_after_a_stuck_cell_says_so_and_replaces_the_engines(view, capsys):
     old = engine_pids(view)
-    view.apply_async(blocks_unless_last_rank)  # a %%px cell that never returned on ranks 0 and 1
+    cell = view.apply_async(blocks_unless_last_rank)  # a %%px cell that never returned on ranks 0 and 1
+    assert cell.split()[-1].wait(30), "the last rank did not finish the cell"  # only ranks 0 and 1 are busy
     checks.check_global_mean(global_mean, view, timeout=10)
     said = capsys.readouterr().out
     assert "engines of ranks 0, 1 were still busy with an earlier cell" in said, said

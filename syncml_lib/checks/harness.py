@@ -58,9 +58,11 @@ def _in_fresh_comm(comm, rank_fn, *args):
 def _on_engine(rank_fn, *args):
     from mpi4py import MPI
 
+    _publish_data({"started": True})  # the check's time limit counts from here (_all_started)
     return _in_fresh_comm(MPI.COMM_WORLD, rank_fn, *args)
 
 
+START_LIMIT = 30  # seconds for every rank to enter the learner's function before the time limit counts
 STUCK = ("did not finish within {timeout}s: it is waiting for a message or a collective that never comes "
          "(some ranks call what others skip, or a rank that hit an error left early)")
 STUCK_INSIDE = ("is still inside your function after {timeout}s, waiting for a message or a collective that "
@@ -90,7 +92,7 @@ def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=TIMEOUT):
     _not_stuck_before(view)
     # one request per engine, all sent at once, so the ranks run together and each can be waited for
     requests = [view.client[engine].apply_async(_on_engine, rank_fn, *args) for engine in view.targets]
-    deadline = time.monotonic() + timeout
+    deadline = _all_started(requests) + timeout
     for request in requests:
         request.wait(max(0.0, deadline - time.monotonic()))
     if all(request.ready() for request in requests):
@@ -107,6 +109,18 @@ def run_on_ranks(rank_fn, *args, view=None, n=4, timeout=TIMEOUT):
     for rank in stuck_ranks:  # every stuck rank says it, so it is shown once
         reports[rank][0] += restarted
     return reports
+
+
+def _all_started(requests, limit=START_LIMIT):
+    """When every engine has started the check (or finished it): the time limit counts from there, not
+    from the sending, so engines that are slow to start on a busy machine (new ones still importing, say)
+    are not taken for a hang. At most `limit` seconds; then the limit counts from now."""
+    give_up = time.monotonic() + limit
+    while time.monotonic() < give_up:
+        if all(request.ready() or (request.data or {}).get("started") for request in requests):
+            break
+        time.sleep(0.02)
+    return time.monotonic()
 
 
 def _restart(view):
@@ -142,11 +156,16 @@ def _not_stuck_before(view, grace=2.0):
 def _publish(inside):
     """On an ipyparallel engine, tell the notebook whether this rank is inside the learner's function,
     so that a check that times out can say which ranks are stuck where."""
+    _publish_data({"inside_learner_function": inside})
+
+
+def _publish_data(data):
+    """On an ipyparallel engine, send `data` to the notebook now (the request's .data there)."""
     if "ipyparallel.engine" in sys.modules:
         with contextlib.suppress(Exception):
             from ipyparallel.datapub import publish_data
 
-            publish_data({"inside_learner_function": inside})
+            publish_data(data)
             # wait until the engine's I/O thread has sent it: a rank can block inside MPI while holding the
             # GIL (the root of a pickle-based reduce), and the message would then never leave
             sys.stdout.flush()
