@@ -21,11 +21,58 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# The chapter notebooks under nbval, and the solutions the grading tests run, attach to one cluster of 4 MPI
+# engines served for the whole session (SYNCML_PROFILE: cluster.attach_mpi_cluster clears the engines
+# between notebooks) instead of starting and stopping one each. SYNCML_SHARED_CLUSTER=0 turns it off.
+# Every other test runs without the variable, so its clusters are its own.
+_shared = {}
+
+
+def shared_cluster_profile():
+    """The profile of the session's shared cluster, started the first time it is asked for."""
+    if "profile" not in _shared:
+        from syncml_lib.cluster import serve_mpi_cluster
+
+        profile = f"{os.environ['SYNCML_CLUSTER_TAG']}-shared"
+        _shared["cluster"] = serve_mpi_cluster(profile, n=4)
+        _shared["profile"] = profile
+    return _shared["profile"]
+
+
+def _share_cluster():
+    return os.environ.get("SYNCML_SHARED_CLUSTER", "1") != "0"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A chapter notebook's kernel (started at its first cell) attaches to the shared cluster."""
+    if item.nodeid.startswith("notebooks/") and _share_cluster():
+        os.environ["SYNCML_PROFILE"] = shared_cluster_profile()
+    else:
+        os.environ.pop("SYNCML_PROFILE", None)
+
+
+@pytest.fixture
+def shared_cluster(monkeypatch):
+    """For a test whose notebooks should attach to the session's shared cluster (grading the solutions)."""
+    if _share_cluster():
+        monkeypatch.setenv("SYNCML_PROFILE", shared_cluster_profile())
+
+
 def pytest_sessionfinish(session, exitstatus):
     from syncml_lib import mpirun
     from syncml_lib.cluster import stop_clusters
 
     mpirun.reuse_jobs(False)
+    os.environ.pop("SYNCML_PROFILE", None)
+    if "cluster" in _shared:
+        import shutil
+
+        _shared["cluster"].stop_cluster_sync()
+        shutil.rmtree(_shared["cluster"].profile_dir, ignore_errors=True)
 
     stopped = stop_clusters(tag=os.environ["SYNCML_CLUSTER_TAG"])
     if stopped:

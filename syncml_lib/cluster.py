@@ -9,6 +9,15 @@
     with mpi_cluster(n=4) as view:           # the same, stopped on exit, also after an exception
         view.apply_sync(f)
 
+    SYNCML_PROFILE=myprofile jupyter lab     # start_mpi_cluster attaches to the cluster already running in
+                                             # that IPython profile (ipcluster start --profile myprofile ...)
+
+Attached (SYNCML_PROFILE set), start_mpi_cluster starts nothing: it checks that the running cluster has
+the n MPI engines the chapter needs (ranks 0..n-1 of one COMM_WORLD of size n), clears what an earlier
+notebook defined on them, and returns an AttachedCluster, whose stop_cluster_sync() only disconnects: the
+cluster is not the notebook's to stop. The test suite's notebooks share one cluster this way
+(serve_mpi_cluster). Engines that can die alone (start_engine_cluster) are always the notebook's own.
+
 The engines are one MPI job (`ipp.Cluster(engines="mpi")`), so `MPI.COMM_WORLD` on the engines spans
 all of them. `view` is a blocking DirectView whose targets are ordered by MPI rank: `view.apply_sync(f)`
 and `view.pull("x")` return one value per rank, rank 0 first, whatever engine ids ipyparallel gave.
@@ -32,10 +41,11 @@ from . import mpienv
 from .mpirun import FIX, MPINotFoundError, mpiexec_path, same_imports_env
 
 __all__ = ["start_mpi_cluster", "mpi_cluster", "restart_engines", "start_engine_cluster", "engine_cluster",
-           "stop_clusters", "ClusterError", "PROFILE"]
+           "stop_clusters", "serve_mpi_cluster", "AttachedCluster", "ClusterError", "PROFILE", "PROFILE_VARIABLE"]
 
 PROFILE = "syncml"  # clusters live in their own IPython profile, so cleaning up never touches others'
 TAG_VARIABLE = "SYNCML_CLUSTER_TAG"  # set by the test suite: every cluster it starts carries the tag
+PROFILE_VARIABLE = "SYNCML_PROFILE"  # the IPython profile of a running cluster to attach to, instead of starting one
 
 ENGINE_SETUP = """
 from mpi4py import MPI
@@ -159,34 +169,103 @@ def rank_view(client):
     return view
 
 
-def start_mpi_cluster(n=4, timeout=60, activate=True, say=print):
+def start_mpi_cluster(n=4, timeout=60, activate=True, say=print, attach=True):
     """Start one controller and n MPI engines; return (cluster, view).
 
     Waits at most `timeout` seconds for all engines; on failure everything started is stopped and
     ClusterError explains what to do. With activate=True the view drives the %px / %%px magics.
     Each engine starts with `comm`, `rank`, `size`, `MPI` and `np` defined. `say` tells what it is
-    doing ("4 MPI engines ready in 5.1 s"); say=None is silent.
+    doing ("4 MPI engines ready in 5.1 s"); say=None is silent. If the environment names a running
+    cluster's profile (SYNCML_PROFILE) and attach=True, attach to it instead (attach_mpi_cluster).
     """
+    profile = os.environ.get(PROFILE_VARIABLE)
+    if attach and profile:
+        return attach_mpi_cluster(profile, n, timeout=timeout, activate=activate, say=say)
     _check_mpi()
-    cluster = CourseCluster(engines=MPIEnginesLauncher, n=n, profile=PROFILE, cluster_id=_new_cluster_id(),
-                            log_level=40)
-    # the course's MPI settings (mpienv): its mpiexec, nothing listening beyond loopback, and waiting
-    # ranks that yield their core (more engines than cores)
-    cluster.config.MPILauncher.mpi_cmd = [mpienv.launcher()]
-    cluster.config.MPIEngineSetLauncher.environment = {**same_imports_env(), **mpienv.mpi_settings()}
-
-    def prepare(client):
-        view = rank_view(client)
-        view.use_cloudpickle()  # functions defined in a notebook reach the engines as they are
-        view.execute(ENGINE_SETUP)
-        return view
+    cluster = _mpi_cluster_object(n, profile=PROFILE, cluster_id=_new_cluster_id())
     view = _start(cluster, n, timeout, f"{n} MPI engines ({os.path.basename(mpienv.launcher())} -n {n})",
-                  f"start_mpi_cluster(n={n}, timeout={2 * timeout})", prepare, say)
+                  f"start_mpi_cluster(n={n}, timeout={2 * timeout})", _prepare_mpi_engines, say)
     _CLUSTER_OF[view.client] = cluster
     if activate:
         view.activate()
         _no_progress_bars()
     return cluster, view
+
+
+def _mpi_cluster_object(n, profile, cluster_id):
+    cluster = CourseCluster(engines=MPIEnginesLauncher, n=n, profile=profile, cluster_id=cluster_id, log_level=40)
+    # the course's MPI settings (mpienv): its mpiexec, nothing listening beyond loopback, and waiting
+    # ranks that yield their core (more engines than cores)
+    cluster.config.MPILauncher.mpi_cmd = [mpienv.launcher()]
+    cluster.config.MPIEngineSetLauncher.environment = {**same_imports_env(), **mpienv.mpi_settings()}
+    return cluster
+
+
+def _prepare_mpi_engines(client):
+    view = rank_view(client)
+    view.use_cloudpickle()  # functions defined in a notebook reach the engines as they are
+    view.execute(ENGINE_SETUP)
+    return view
+
+
+class AttachedCluster:
+    """A running cluster this notebook attached to (SYNCML_PROFILE): not its own, so stop_cluster_sync(),
+    the last cell of every notebook, only disconnects and leaves the engines running."""
+
+    def __init__(self, profile, client):
+        self.profile, self.client = profile, client
+
+    def stop_cluster_sync(self):
+        self.client.close()
+        print(f"Disconnected from the cluster of profile {self.profile!r}, which keeps running (it is not this "
+              f"notebook's to stop; ipcluster stop --profile {self.profile} stops it).")
+
+
+def attach_mpi_cluster(profile, n=4, timeout=60, activate=True, say=print):
+    """Attach to the cluster running in IPython profile `profile`; return (AttachedCluster, view).
+
+    It must have n engines that are MPI ranks 0..n-1 of one COMM_WORLD of size n (ClusterError saying what
+    it has otherwise); waits up to `timeout` seconds for them to register. What an earlier notebook defined
+    on them is cleared (%reset), then they are set up as start_mpi_cluster's are."""
+    say = say or (lambda line: None)
+    started = time.perf_counter()
+    try:
+        client = ipp.Client(profile=profile, timeout=timeout)
+    except Exception as exc:
+        raise ClusterError(f"{PROFILE_VARIABLE}={profile} names no running cluster ({exc}). Start one, for example "
+                           f"`ipcluster start --profile {profile} --engines=mpi -n {n} --daemonize`, or unset "
+                           f"{PROFILE_VARIABLE} to start a cluster of this notebook's own.") from None
+    deadline = time.monotonic() + timeout
+    while len(client.ids) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worlds = client[:].apply_sync(lambda: (__import__("mpi4py.MPI").MPI.COMM_WORLD.rank,
+                                           __import__("mpi4py.MPI").MPI.COMM_WORLD.size)) if client.ids else []
+    if sorted(worlds) != [(rank, n) for rank in range(n)]:
+        client.close()
+        raise ClusterError(f"this chapter needs {n} MPI engines, ranks 0..{n - 1} of one COMM_WORLD of size {n}; the "
+                           f"cluster of profile {profile!r} has {len(worlds)} engine(s), as (rank, size): "
+                           f"{sorted(worlds)}. Start it with `ipcluster start --profile {profile} --engines=mpi "
+                           f"-n {n}`, or unset {PROFILE_VARIABLE}.")
+    view = client[:]
+    view.execute("get_ipython().run_line_magic('reset', '-f')", block=True)  # nothing left by another notebook
+    view = _prepare_mpi_engines(client)
+    if activate:
+        view.activate()
+        _no_progress_bars()
+    say(f"Attached to the {n} MPI engines of profile {profile!r} ({PROFILE_VARIABLE}) in "
+        f"{time.perf_counter() - started:.1f} s")
+    return AttachedCluster(profile, client), view
+
+
+def serve_mpi_cluster(profile, n=4, timeout=60):
+    """Start a cluster for notebooks to attach to (SYNCML_PROFILE=profile); return it (stop_cluster_sync()
+    stops it). The test suite's notebooks share one this way; a teacher would rather use ipcluster."""
+    _check_mpi()
+    cluster = _mpi_cluster_object(n, profile=profile, cluster_id="")
+    view = _start(cluster, n, timeout, f"{n} MPI engines to share (profile {profile})",
+                  f"serve_mpi_cluster({profile!r}, n={n}, timeout={2 * timeout})", _prepare_mpi_engines, None)
+    view.client.close()
+    return cluster
 
 
 _CLUSTER_OF = weakref.WeakKeyDictionary()  # client -> the cluster it was started with, for restart_engines
@@ -203,6 +282,10 @@ def restart_engines(view, timeout=60, say=print):
     """
     say = say or (lambda line: None)
     cluster = _CLUSTER_OF.get(view.client)
+    if cluster is None and os.environ.get(PROFILE_VARIABLE):
+        raise ClusterError(f"these engines belong to the cluster of profile {os.environ[PROFILE_VARIABLE]!r} "
+                           f"({PROFILE_VARIABLE}), which this notebook attached to and cannot restart: restart "
+                           f"that cluster (ipcluster stop, then start) or ask whoever runs it")
     if cluster is None:
         raise ClusterError("these engines were not started by start_mpi_cluster: stop their cluster and start "
                            "a new one with start_mpi_cluster()")
@@ -240,6 +323,10 @@ def start_engine_cluster(n=4, timeout=60, say=print):
     engines join with add_engines(cluster, client, n). Time limit, clean-up and messages as for
     start_mpi_cluster.
     """
+    if os.environ.get(PROFILE_VARIABLE):
+        (say or (lambda line: None))(
+            f"{PROFILE_VARIABLE} names a shared cluster, but these engines are killed on purpose: this "
+            f"notebook starts {n} engines of its own, on this machine, and stops them at its end.")
     cluster = CourseCluster(n=n, profile=PROFILE, cluster_id=_new_cluster_id(), log_level=40)
     cluster.config.LocalEngineSetLauncher.environment = same_imports_env()
 
@@ -351,7 +438,7 @@ def _no_progress_bars():
 @contextlib.contextmanager
 def mpi_cluster(n=4, timeout=60, activate=False):
     """`with mpi_cluster(n) as view:` start a cluster, yield its rank-ordered view, always stop it."""
-    cluster, view = start_mpi_cluster(n, timeout=timeout, activate=activate, say=None)
+    cluster, view = start_mpi_cluster(n, timeout=timeout, activate=activate, say=None, attach=False)
     try:
         yield view
     finally:

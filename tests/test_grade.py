@@ -26,7 +26,7 @@ def check_cells(path):
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
-def test_every_solution_grades_all_passed(path):
+def test_every_solution_grades_all_passed(path, shared_cluster):
     rows = grade_notebook(path)
     assert all_passed(rows), table(rows)
     assert [row.check for row in rows] == [re.search(r"check_\w+", c.source).group() for c in check_cells(path)]
@@ -36,7 +36,7 @@ def test_every_solution_grades_all_passed(path):
 # test_exercises prove (each is its solution with stubs; each stub fails its check), so grading all of them
 # again cost a minute of the suite and proved nothing more (#24).
 @pytest.mark.parametrize("path", EXERCISES[:1], ids=lambda p: p.name)
-def test_a_committed_exercise_grades_all_failed_saying_it_is_not_written(path):
+def test_a_committed_exercise_grades_all_failed_saying_it_is_not_written(path, shared_cluster):
     rows = grade_notebook(path)
     assert len(rows) == len(check_cells(path)) > 0, table(rows)  # no row for a problem outside the checks
     for row in rows:
@@ -46,7 +46,7 @@ def test_a_committed_exercise_grades_all_failed_saying_it_is_not_written(path):
                          r"exercise is not written yet", row.detail), row.detail
 
 
-def test_one_wrong_answer_fails_exactly_that_check(tmp_path):
+def test_one_wrong_answer_fails_exactly_that_check(tmp_path, shared_cluster):
     """The classic mistake of chapter 05's last exercise: a second result overwrites the first."""
     nb = nbformat.read(ROOT / "solutions" / "05_task_scheduling.ipynb", as_version=4)
     answer = next(c for c in nb.cells if c.source.startswith("def record_result("))
@@ -80,7 +80,7 @@ def test_a_hanging_or_broken_notebook_is_reported_and_the_others_still_graded(tm
     small_notebook(folder / "03_done.ipynb", ("check", passing))
     (folder / "04_not_a_notebook.ipynb").write_text("{")
 
-    status = main(["--json", "--time-limit", "8", str(folder)])
+    status = main(["--json", "--time-limit", "5", str(folder)])
     rows = json.loads(capsys.readouterr().out)
     assert status == 1
     got = [(row["notebook"].split("/")[-1], row["check"], row["result"]) for row in rows]
@@ -94,7 +94,7 @@ def test_a_hanging_or_broken_notebook_is_reported_and_the_others_still_graded(tm
         ("04_not_a_notebook.ipynb", "(notebook)", "error"),
     ], rows
     assert "NameError: name 'undefined_name' is not defined" in rows[3]["detail"]
-    assert "still running after 8 s" in rows[2]["detail"]
+    assert "still running after 5 s" in rows[2]["detail"]
 
     assert main([str(folder / "03_done.ipynb")]) == 0
     assert "1 of 1 checks passed" in capsys.readouterr().out
