@@ -5,7 +5,7 @@ The runs: run_parameter_server, run_kvstore, run_tasks, chapter 01's run_shared_
 run_barrier_steps and run_clocked_workers (rpc.Run ends them), chapter 06's train
 (which stops every rank at the same step) and chapter 07's measure_step (two ranks train, two wait). What JupyterLab's interrupt of a %%px cell does: ipyparallel sends SIGINT to every engine (through each
 engine's nanny), and every engine raises KeyboardInterrupt wherever it is. Here: start a run of about
-10 s on 4 engines, send SIGINT to every engine after 3 s, wait at most a few seconds for every engine
+10 s on 4 engines, send SIGINT to every engine after 1.5 s, wait at most a few seconds for every engine
 to come back, then run a short job on the same engines and compare it with the answer computed here.
 """
 import signal
@@ -16,7 +16,7 @@ import pytest
 
 from syncml_lib.cluster import mpi_cluster
 
-INTERRUPT_AFTER = 3.0  # seconds into a run of about 10 s
+INTERRUPT_AFTER = 1.5  # seconds into a run of about 10 s
 ENDS_WITHIN = 8.0      # seconds after the interrupt by which every engine must have come back
 
 
