@@ -7,6 +7,8 @@ PORT ?= 8888
 IP ?= 127.0.0.1
 LAB_ARGS ?=
 RANKS ?= 4
+# the package's extras `make install` installs (.ci/run adds browser, for the browser test)
+EXTRAS ?= mpi
 # mpiexec and jupyter of the course environment come first on PATH for everything make runs.
 export PATH := $(BIN):$(PATH)
 # On one machine MPI jobs start with MPICH's mpiexec.gforker, which listens on no network socket;
@@ -27,7 +29,7 @@ LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 $(VENV)/.installed: pyproject.toml syncml_lib/jupyterlab_overrides.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[mpi]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name syncml --display-name "Python (syncml)"
 	install -D -m 644 syncml_lib/jupyterlab_overrides.json $(LAB_OVERRIDES)
 	$(BIN)/jupyter server extension disable --sys-prefix ipyparallel >/dev/null 2>&1

@@ -112,21 +112,20 @@ def nap(seconds):
     return seconds
 
 
-def test_a_task_graph_starts_each_task_after_all_its_dependencies_ended():
+def test_a_task_graph_starts_each_task_after_all_its_dependencies_ended(two_engines):
     edges = random_dag(32, 128, seed=7)
     rng = random.Random(1)
-    with engine_cluster(4) as (cluster, client):
-        sched = EngineScheduler(client)
-        tasks = {}
-        for node in range(32):
-            tasks[node] = sched.submit(nap, rng.uniform(0.005, 0.02), name=f"n{node}",
-                                       after=[tasks[a] for a, b in edges if b == node])
-        sched.wait(timeout=60)
-        assert all(t.done() and t.exception() is None for t in tasks.values())
-        rows = {row["task"]: row for row in done_rows(sched.records)}
-        assert len(rows) == 32
-        late = [(a, b) for a, b in edges if rows[f"n{b}"]["start"] < rows[f"n{a}"]["end"]]
-        assert late == [], f"started before a dependency ended: {late[:3]}"
+    sched = EngineScheduler(two_engines)
+    tasks = {}
+    for node in range(32):
+        tasks[node] = sched.submit(nap, rng.uniform(0.005, 0.02), name=f"n{node}",
+                                   after=[tasks[a] for a, b in edges if b == node])
+    sched.wait(timeout=60)
+    assert all(t.done() and t.exception() is None for t in tasks.values())
+    rows = {row["task"]: row for row in done_rows(sched.records)}
+    assert len(rows) == 32
+    late = [(a, b) for a, b in edges if rows[f"n{b}"]["start"] < rows[f"n{a}"]["end"]]
+    assert late == [], f"started before a dependency ended: {late[:3]}"
 
 
 def test_a_failed_task_fails_its_dependents_by_name_and_the_rest_finishes(two_engines):

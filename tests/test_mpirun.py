@@ -159,7 +159,9 @@ def test_a_reused_job_is_replaced_after_its_quota_of_cases_and_nothing_is_left_w
     monkeypatch.setattr(mpirun._Pool, "CASES_PER_JOB", 2)
     pids = [run(pid_and_sum, 2, 0)[0][0] for _ in range(3)]
     assert pids[0] == pids[1] != pids[2]
-    started = set(descendants())
+    # the reused jobs' processes (mpiexec and its ranks), not the session's shared cluster (conftest)
+    started = {pid for pool in mpirun._POOLS.values() for pid in [pool.proc.pid, *descendants(pool.proc.pid)]}
+    assert pids[2] in started
     mpirun.reuse_jobs(False)
     assert still_alive_after(started, seconds=5) == []
 
