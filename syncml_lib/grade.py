@@ -160,12 +160,19 @@ def notebooks_in(paths):
 
 
 def grade(paths, time_limit=TIME_LIMIT, progress=None):
-    """Grade every notebook of `paths`, one after the other; all their rows."""
+    """Grade every notebook of `paths`, one after the other; all their rows. progress(line), if given, is
+    called as each notebook finishes: its name, its checks passed, its seconds."""
     rows = []
     for path in notebooks_in(paths):
+        started = time.perf_counter()
+        mine = grade_notebook(path, time_limit)
+        rows += mine
         if progress:
-            progress(f"grading {path} ...")
-        rows += grade_notebook(path, time_limit)
+            passed = sum(row.result == "passed" for row in mine)
+            checks = sum(row.check != "(notebook)" for row in mine)
+            trouble = [row.result for row in mine if row.check == "(notebook)"]
+            progress(f"{path}: {passed} of {checks} checks passed{'; ' + ', '.join(trouble) if trouble else ''} "
+                     f"({time.perf_counter() - started:.1f} s)")
     return rows
 
 

@@ -95,6 +95,8 @@ def test_the_ps_benchmark_runs_with_the_throttle_when_main_is_called_from_python
         "main(['ps', '--size', '1000', '--steps', '3', '--rounds', '1', '--repeat', '3'])\n")
     ok = run_script([script, "bench first"], n=3, timeout=60)
     assert f"{THROTTLE}=1" in ok.stdout and "warning" not in ok.stderr, ok.stdout + ok.stderr
+    # what it measures, as it goes: on stderr, once (rank 0), before the table
+    assert ok.stderr.count("measuring 1 server BSP, round 1 of 1 ...") == 1, ok.stderr
     late = run_script([script, "mpi first"], n=3, timeout=60)
     assert f"{THROTTLE}=0" in late.stdout, late.stdout
     warnings = [line for line in late.stderr.splitlines() if "warning" in line]
@@ -228,8 +230,12 @@ def test_the_sync_benchmark_refuses_one_rank():
 
 
 def test_the_engines_benchmark_prints_its_three_tables_and_no_makespan_beats_the_lower_bound():
-    out = subprocess.run([sys.executable, "-m", "syncml_lib.bench", "engines", "--engines", "2", "--tasks", "20",
-                          "--repeat", "1"], capture_output=True, text=True, timeout=120, check=True).stdout
+    done = subprocess.run([sys.executable, "-m", "syncml_lib.bench", "engines", "--engines", "2", "--tasks", "20",
+                           "--repeat", "1"], capture_output=True, text=True, timeout=120, check=True)
+    out = done.stdout
+    assert [line for line in done.stderr.splitlines() if line.startswith("measuring")] == [
+        "measuring throughput: 20 empty tasks, 1 rounds ...", "measuring recovery from a killed engine ...",
+        "measuring makespans of two task graphs ..."], done.stderr
     assert "20 empty tasks on 2 plain engines" in out, out
     for name in ("EngineScheduler", "EngineScheduler, per_engine=2", "load-balanced view"):
         assert len(rows_of(out, name)) == 2, (name, out)   # throughput and recovery

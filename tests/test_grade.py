@@ -81,7 +81,14 @@ def test_a_hanging_or_broken_notebook_is_reported_and_the_others_still_graded(tm
     (folder / "04_not_a_notebook.ipynb").write_text("{")
 
     status = main(["--json", "--time-limit", "5", str(folder)])
-    rows = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    rows = json.loads(printed.out)                                   # --json: stdout is one JSON document
+    progress = [line.split("/")[-1] for line in printed.err.splitlines()]  # a line per notebook as it ends
+    assert [re.sub(r"\(\d+\.\d s\)$", "(t s)", line) for line in progress] == [
+        "01_hangs.ipynb: 1 of 2 checks passed; timed out (t s)",
+        "02_broken.ipynb: 1 of 1 checks passed; error (t s)",
+        "03_done.ipynb: 1 of 1 checks passed (t s)",
+        "04_not_a_notebook.ipynb: 0 of 0 checks passed; error (t s)"], progress
     assert status == 1
     got = [(row["notebook"].split("/")[-1], row["check"], row["result"]) for row in rows]
     assert got == [

@@ -15,13 +15,14 @@ from mpi4py import MPI
 
 from .. import costmodel
 from ..allreduce import ALGORITHMS, allreduce
-from .common import format_size, format_time, parse_size, print_table, repeats_for, require_ranks, time_calls
+from .common import format_size, format_time, parse_size, print_table, progress, repeats_for, require_ranks, time_calls
 
 
 def bench_allreduce(comm, sizes, repeat):
     """Time every allreduce method at every size. Returns a list of rows (dicts), one per size."""
     rows = []
     for nbytes in sizes:
+        progress(comm, f"allreduce of {format_size(nbytes)}")
         x = np.random.default_rng(comm.rank).random(nbytes // 8)
         out = np.empty_like(x)
         calls = {"MPI Allreduce": lambda: comm.Allreduce(x, out)}

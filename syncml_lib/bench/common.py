@@ -1,10 +1,11 @@
-"""What every benchmark shares: sizes in and out, timing, tables, rank counts, MPICH's progress throttle.
+"""What every benchmark shares: sizes, timing, tables, progress lines, rank counts, MPICH's progress throttle.
 
 Importing it does not start MPI (mpi4py.MPI is imported inside the functions that call it), so the
 command line can use it before it decides how MPI starts (__main__.py).
 """
 import ctypes
 import os
+import sys
 import time
 
 import numpy as np
@@ -33,6 +34,13 @@ def format_time(seconds):
     if seconds < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+def progress(comm, text):
+    """On rank 0 (comm may be None: plain engines), one line on stderr saying what is measured now, so a long
+    run shows that it is going and where; the tables go to stdout."""
+    if comm is None or comm.rank == 0:
+        print(f"measuring {text} ...", file=sys.stderr, flush=True)
 
 
 def print_table(header, lines):

@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from ..data import block_range, scatter_rows
 from ..kvstore import run_kvstore
-from .common import format_size, format_time, parse_size, print_table, repeats_for, require_ranks, time_calls
+from .common import format_size, format_time, parse_size, print_table, progress, repeats_for, require_ranks, time_calls
 
 KV_RANKS = 3  # 2 servers and a client
 SCATTER = ["MPI Scatterv", "scatter_rows", "Bcast + slice"]
@@ -89,8 +89,12 @@ def time_kvstore(comm, nbytes, repeat):
 
 def bench_data(comm, sizes, repeat, kvstore=True):
     """One row per size: the times of time_scatter and, if kvstore, of time_kvstore."""
-    return [dict(nbytes=n, **time_scatter(comm, n, repeats_for(n, repeat)),
-                 **(time_kvstore(comm, n, repeats_for(n, repeat)) if kvstore else {})) for n in sizes]
+    rows = []
+    for n in sizes:
+        progress(comm, f"scatter{' and key-value store' if kvstore else ''} of {format_size(n)}")
+        rows.append(dict(nbytes=n, **time_scatter(comm, n, repeats_for(n, repeat)),
+                         **(time_kvstore(comm, n, repeats_for(n, repeat)) if kvstore else {})))
+    return rows
 
 
 def print_data_table(rows, p):

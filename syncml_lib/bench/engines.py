@@ -27,7 +27,7 @@ import numpy as np
 
 from ..cluster import add_engines, engine_cluster
 from ..engine_scheduler import EngineScheduler
-from .common import format_time, print_table
+from .common import format_time, print_table, progress
 
 RECOVERY_TASKS, RECOVERY_SECONDS, KILLER = 40, 0.02, 13
 
@@ -172,10 +172,13 @@ def main(args):
                   "python -m syncml_lib.bench engines", file=sys.stderr)
         sys.exit(1)
     with engine_cluster(args.engines) as (cluster, client):
+        progress(None, f"throughput: {args.tasks} empty tasks, {args.repeat} rounds")
         throughput = time_throughput(client, args.tasks, args.repeat)
+        progress(None, "recovery from a killed engine")
         recovery = {"EngineScheduler": time_recovery(cluster, client, "ours", 1),
                     "EngineScheduler, per_engine=2": time_recovery(cluster, client, "ours", 2),
                     "load-balanced view": time_recovery(cluster, client, "load-balanced view")}
+        progress(None, "makespans of two task graphs")
         graphs = time_graphs(client, args.repeat)
     view = throughput["load-balanced view"]
     print(f"{args.tasks} empty tasks on {args.engines} plain engines: tasks per second, median of {args.repeat} runs "

@@ -21,7 +21,7 @@ from .. import costmodel
 from ..allreduce import ring_allreduce
 from ..parameter_server import run_parameter_server
 from ..rpc import wait_sleeping
-from .common import THROTTLE, format_size, format_time, parse_size, print_table, progress_throttle, \
+from .common import THROTTLE, format_size, format_time, parse_size, print_table, progress, progress_throttle, \
     repeats_for, require_ranks, time_calls
 
 PS_CONFIGS = [(1, "bsp"), (1, "asp"), (2, "bsp"), (2, "asp")]  # (servers, mode)
@@ -101,8 +101,9 @@ def bench_ps(comm, nbytes, steps, repeat, rounds, configs=PS_CONFIGS):
     The parameter-server runs take turns, `rounds` of each, and each keeps its median: how the ranks
     happen to share the cores differs from run to run, by up to 1.5x on a 2-core machine."""
     runs = {config: [] for config in configs}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for n_servers, mode in configs:
+            progress(comm, f"{servers_label(n_servers)} {mode.upper()}, round {round_ + 1} of {rounds}")
             step, server_bytes = time_ps(comm, nbytes, n_servers, mode, steps)
             tiny_step, _ = time_ps(comm, TINY, n_servers, mode, steps)
             runs[n_servers, mode].append((step, tiny_step, server_bytes))

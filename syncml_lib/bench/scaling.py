@@ -24,7 +24,7 @@ from ..allreduce import allreduce, allreduce_in_levels, hierarchical_allreduce, 
 from ..compression import Int8, LowRank, Sign, TopK
 from ..scaling import WIDE, measure_step
 from ..training import get_model, train
-from .common import format_size, format_time, parse_size, print_table, repeats_for, require_ranks, time_calls
+from .common import format_size, format_time, parse_size, print_table, progress, repeats_for, require_ranks, time_calls
 
 STRONG_BATCH, PER_RANK = 240, 60
 COMPRESSORS = {"none": None, "top-k 1%, error feedback": lambda: TopK(0.01),
@@ -137,9 +137,14 @@ def print_compression(rows, p, epochs):
 def main(args):
     comm = MPI.COMM_WORLD
     require_ranks(comm, "scaling", 2, "scaling needs more than one rank")
-    scaling = {f"{name} ({sum(v.size for v in model.init(0).values()):,} parameters)": scaling_rows(comm, model, args.epochs)
-               for name, model in (("digits MLP 64-128-10", get_model("mlp")), ("wide MLP 64-256-256-10", WIDE))}
+    scaling = {}
+    for name, model in (("digits MLP 64-128-10", get_model("mlp")), ("wide MLP 64-256-256-10", WIDE)):
+        progress(comm, f"strong and weak scaling of the {name}")
+        scaling[f"{name} ({sum(v.size for v in model.init(0).values()):,} parameters)"] = \
+            scaling_rows(comm, model, args.epochs)
+    progress(comm, "hierarchical against flat allreduce")
     hierarchical = hierarchical_rows(comm, [parse_size(s) for s in args.sizes], args.repeat)
+    progress(comm, "gradient compression")
     compression = compression_rows(comm, args.epochs)
     if comm.rank == 0:
         for name, rows in scaling.items():

@@ -18,7 +18,7 @@ from mpi4py import MPI
 from ..barrier import run_barrier_steps
 from ..consistency import run_clocked_workers
 from ..shared_value import run_shared_updates
-from .common import format_time, print_table, require_ranks, time_calls
+from .common import format_time, print_table, progress, require_ranks, time_calls
 
 
 def mpi_barriers(comm, steps):
@@ -89,7 +89,9 @@ def time_updates(comm, rounds, repeat):
 def main(args):
     comm = MPI.COMM_WORLD
     require_ranks(comm, "sync", 2, "a server and a worker")
+    progress(comm, "barriers")
     barriers = time_barriers(comm, args.steps, args.repeat)
+    progress(comm, "updates of a shared value")
     updates, losses = time_updates(comm, args.rounds, args.repeat)
     if comm.rank:
         return

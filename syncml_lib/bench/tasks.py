@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from ..data import block_range
 from ..scheduler import run_tasks
-from .common import format_time, print_table, require_ranks, time_calls
+from .common import format_time, print_table, progress, require_ranks, time_calls
 
 TASK_SCHEDULES = [("static", 1), ("cyclic", 1), ("dynamic", 1), ("dynamic", 16), ("guided", 1)]
 
@@ -61,7 +61,9 @@ def print_tasks_table(rows, p):
 def main(args):
     comm = MPI.COMM_WORLD
     require_ranks(comm, "tasks", 2, "a master and a worker")
-    rows = [dict(n_tasks=args.tasks, seconds=seconds, **time_tasks(comm, args.tasks, seconds, repeat))
-            for seconds, repeat in ((0.0, args.repeat), (1e-3, max(3, args.repeat // 5)))]
+    rows = []
+    for seconds, repeat in ((0.0, args.repeat), (1e-3, max(3, args.repeat // 5))):
+        progress(comm, f"{args.tasks} tasks of {seconds * 1e3:g} ms under every schedule")
+        rows.append(dict(n_tasks=args.tasks, seconds=seconds, **time_tasks(comm, args.tasks, seconds, repeat)))
     if comm.rank == 0:
         print_tasks_table(rows, comm.size)

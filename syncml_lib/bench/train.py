@@ -30,7 +30,7 @@ from ..training import MLP, load_digits_split, time_to_accuracy, train
 from ..training.bucketing import Buckets, exposed_communication
 from ..training.loop import one_blas_thread
 from ..training.digits import shard_of
-from .common import format_time, print_table, require_ranks, time_calls
+from .common import format_time, print_table, progress, require_ranks, time_calls
 
 MECHANISM_RUNS = [  # (label, mechanism, options)
     ("sequential (1 process)", "sequential", {}),
@@ -208,7 +208,9 @@ def main(args):
     require_ranks(comm, "train", 2, "a server and a worker for the parameter server, 2 ranks to average over")
     lines = []
     for label, mechanism, options in MECHANISM_RUNS:
+        progress(comm, f"training with {label}")
         lines.append(mechanism_row(label, run_mechanism(comm, mechanism, options, args), args.target))
+    progress(comm, "bucketed allreduce, with and without overlap")
     model, bucket_rows = bench_buckets(comm, args)
     if comm.rank == 0:
         print(f"training the MLP 64-128-10 on the digits: {comm.size} ranks, {args.epochs} epochs, global batches "
