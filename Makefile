@@ -13,7 +13,8 @@ EXTRAS ?= mpi
 export PATH := $(BIN):$(PATH)
 # On one machine MPI jobs start with MPICH's mpiexec.gforker, which listens on no network socket;
 # SYNCML_NETWORK=1 (across machines) gives Hydra's mpiexec (syncml_lib/mpienv.py says what listens where).
-MPIEXEC := $(BIN)/$(if $(filter 1,$(SYNCML_NETWORK)),mpiexec,mpiexec.gforker)
+# SYNCML_NETWORK=loopback: Hydra too, and every message through TCP on loopback (syncml_lib/mpienv.py).
+MPIEXEC := $(BIN)/$(if $(filter 1 loopback,$(SYNCML_NETWORK)),mpiexec,mpiexec.gforker)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
 

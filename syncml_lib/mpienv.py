@@ -17,6 +17,13 @@ the tests, the benchmarks) with these settings:
     MPIR_CVAR_CH4_PROGRESS_THROTTLE=1    a rank waiting inside MPI yields its core instead of spinning
                                          (more ranks than cores: 4 engines on 2 cores).
 
+The network path on one machine: SYNCML_NETWORK=loopback gives Hydra's mpiexec and makes every message
+go through TCP sockets on the loopback interface, as between machines (the test suite runs the core cases
+so, and `make bench` measures what it costs):
+    MPIR_CVAR_CH4_NETMOD=ofi             MPICH's libfabric network module (UCX's TCP transport refuses the
+                                         loopback device here: "Destination is unreachable")
+    FI_PROVIDER=tcp, FI_TCP_IFACE=lo     libfabric's TCP provider, on the loopback interface
+    MPIR_CVAR_NOLOCAL=1                  every rank counts as on another machine: no shared memory
 Across machines: SYNCML_NETWORK=1 in the environment gives Hydra's mpiexec (host files, ssh) and
 UCX's own choice of transports. Then mpiexec listens on 0.0.0.0 at a random port (MPIEXEC_PORT_RANGE
 =low:high confines it to a range a firewall can name), and each rank listens on the machine's
@@ -31,11 +38,13 @@ __all__ = ["launcher", "mpi_settings", "mpi_environment", "set_in_this_process",
 NETWORK_VARIABLE = "SYNCML_NETWORK"
 THROTTLE = "MPIR_CVAR_CH4_PROGRESS_THROTTLE"
 SHARED_MEMORY_ONLY = {"UCX_TLS": "sm,self"}
+TCP_ON_LOOPBACK = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": "lo", "MPIR_CVAR_NOLOCAL": "1"}
 
 
 def across_machines():
-    """True if the environment opts into running across machines (SYNCML_NETWORK=1)."""
-    return os.environ.get(NETWORK_VARIABLE, "") == "1"
+    """True if the environment opts into the network path: across machines (SYNCML_NETWORK=1), or over TCP on
+    this machine's loopback interface (SYNCML_NETWORK=loopback)."""
+    return os.environ.get(NETWORK_VARIABLE, "") in ("1", "loopback")
 
 
 def mpi_settings(throttle=True):
@@ -43,7 +52,9 @@ def mpi_settings(throttle=True):
     value the user's environment gives it where it has one: a variable the user set wins.
     throttle=False leaves MPICH's progress throttle out (a benchmark whose every rank is busy)."""
     defaults = {THROTTLE: "1"} if throttle else {}
-    if not across_machines():
+    if os.environ.get(NETWORK_VARIABLE, "") == "loopback":
+        defaults.update(TCP_ON_LOOPBACK)
+    elif not across_machines():
         defaults.update(SHARED_MEMORY_ONLY)
     return {name: os.environ.get(name, value) for name, value in defaults.items()}
 
