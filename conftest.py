@@ -9,6 +9,7 @@ import os
 
 def pytest_configure(config):
     os.environ.setdefault("SYNCML_CLUSTER_TAG", f"syncml-test-{os.getpid()}")
+    config.addinivalue_line("markers", "after_notebooks: runs after every other item of the session")
     # the many small multi-rank cases run inside one long-lived mpiexec job per rank count (mpirun.reuse_jobs)
     from syncml_lib import mpirun
 
@@ -22,21 +23,63 @@ def pytest_configure(config):
 
 
 # The chapter notebooks under nbval, and the solutions the grading tests run, attach to one cluster of 4 MPI
-# engines served for the whole session (SYNCML_PROFILE: cluster.attach_mpi_cluster clears the engines
-# between notebooks) instead of starting and stopping one each. SYNCML_SHARED_CLUSTER=0 turns it off.
-# Every other test runs without the variable, so its clusters are its own.
+# engines that the session starts once, the way a teacher would (`ipcluster start --profile ... --engines=mpi
+# -n 4 --daemonize`), instead of each starting and stopping one: SYNCML_PROFILE makes start_mpi_cluster
+# attach (cluster.attach_mpi_cluster clears the engines between notebooks). SYNCML_SHARED_CLUSTER=0 turns it
+# off. Every other test runs without the variable, so its clusters are its own.
 _shared = {}
 
 
 def shared_cluster_profile():
-    """The profile of the session's shared cluster, started the first time it is asked for."""
+    """The profile of the session's shared cluster, started the first time it is asked for; its engines'
+    pids are kept in _shared["pids"] (tests/test_shared_cluster.py checks them after the notebooks)."""
     if "profile" not in _shared:
-        from syncml_lib.cluster import serve_mpi_cluster
+        import subprocess
+        import sys
+
+        import ipyparallel as ipp
+
+        from syncml_lib import mpienv
+        from syncml_lib.mpirun import same_imports_env
 
         profile = f"{os.environ['SYNCML_CLUSTER_TAG']}-shared"
-        _shared["cluster"] = serve_mpi_cluster(profile, n=4)
+        ipcluster = os.path.join(os.path.dirname(sys.executable), "ipcluster")
+        # the course's MPI settings and mpiexec (nothing listening beyond loopback), and the quick heartbeat
+        # of cluster.CourseCluster (engines count as registered after their first answer to a ping)
+        subprocess.run([ipcluster, "start", f"--profile={profile}", "--engines=mpi", "-n", "4", "--daemonize",
+                        f"--MPILauncher.mpi_cmd={mpienv.launcher()}", "--log-level=WARN",
+                        "--Cluster.controller_args=--HeartMonitor.period=100"],
+                       env=mpienv.mpi_environment({**os.environ, **same_imports_env()}), check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _shared["profile"] = profile
+        client = ipp.Client(profile=profile, timeout=60)
+        client.wait_for_engines(4, timeout=60, interactive=False)
+        _shared["pids"] = sorted(client[:].apply_sync(os.getpid))
+        client.close()
+        cluster_file = os.path.join(ipp.Cluster(profile=profile).profile_dir, "security", "cluster-.json")
+        # if pytest dies without stopping it, cluster.watch does (as for every cluster the course starts)
+        subprocess.Popen([sys.executable, "-m", "syncml_lib.cluster", "watch", str(os.getpid()), cluster_file],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     return _shared["profile"]
+
+
+def _wait_for_exit(profile, seconds=10):
+    """Until no process's command line names the profile (the cluster's controller, engines, nannies)."""
+    import time
+    from pathlib import Path
+
+    def running():
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if profile.encode() in cmdline.read_bytes():
+                    return True
+            except OSError:
+                pass
+        return False
+    deadline = time.monotonic() + seconds
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _share_cluster():
@@ -46,11 +89,17 @@ def _share_cluster():
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked after_notebooks run last, once the chapter notebooks have run."""
+    items.sort(key=lambda item: item.get_closest_marker("after_notebooks") is not None)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """A chapter notebook's kernel (started at its first cell) attaches to the shared cluster."""
     if item.nodeid.startswith("notebooks/") and _share_cluster():
         os.environ["SYNCML_PROFILE"] = shared_cluster_profile()
+        _shared.setdefault("notebooks", set()).add(os.path.basename(item.nodeid.split("::")[0]))
     else:
         os.environ.pop("SYNCML_PROFILE", None)
 
@@ -68,11 +117,17 @@ def pytest_sessionfinish(session, exitstatus):
 
     mpirun.reuse_jobs(False)
     os.environ.pop("SYNCML_PROFILE", None)
-    if "cluster" in _shared:
+    if "profile" in _shared:
         import shutil
 
-        _shared["cluster"].stop_cluster_sync()
-        shutil.rmtree(_shared["cluster"].profile_dir, ignore_errors=True)
+        import ipyparallel as ipp
+
+        cluster = ipp.Cluster.from_file(profile=_shared["profile"], cluster_id="")
+        try:
+            cluster.stop_cluster_sync()
+        finally:
+            _wait_for_exit(_shared["profile"])  # or a process on its way out writes its log there again
+            shutil.rmtree(cluster.profile_dir, ignore_errors=True)
 
     stopped = stop_clusters(tag=os.environ["SYNCML_CLUSTER_TAG"])
     if stopped:

@@ -15,8 +15,8 @@
 Attached (SYNCML_PROFILE set), start_mpi_cluster starts nothing: it checks that the running cluster has
 the n MPI engines the chapter needs (ranks 0..n-1 of one COMM_WORLD of size n), clears what an earlier
 notebook defined on them, and returns an AttachedCluster, whose stop_cluster_sync() only disconnects: the
-cluster is not the notebook's to stop. The test suite's notebooks share one cluster this way
-(serve_mpi_cluster). Engines that can die alone (start_engine_cluster) are always the notebook's own.
+cluster is not the notebook's to stop. The test suite's notebooks share one cluster this way (conftest.py starts it with
+ipcluster). Engines that can die alone (start_engine_cluster) are always the notebook's own.
 
 The engines are one MPI job (`ipp.Cluster(engines="mpi")`), so `MPI.COMM_WORLD` on the engines spans
 all of them. `view` is a blocking DirectView whose targets are ordered by MPI rank: `view.apply_sync(f)`
@@ -41,7 +41,7 @@ from . import mpienv
 from .mpirun import FIX, MPINotFoundError, mpiexec_path, same_imports_env
 
 __all__ = ["start_mpi_cluster", "mpi_cluster", "restart_engines", "start_engine_cluster", "engine_cluster",
-           "stop_clusters", "serve_mpi_cluster", "AttachedCluster", "ClusterError", "PROFILE", "PROFILE_VARIABLE"]
+           "stop_clusters", "attach_mpi_cluster", "AttachedCluster", "ClusterError", "PROFILE", "PROFILE_VARIABLE"]
 
 PROFILE = "syncml"  # clusters live in their own IPython profile, so cleaning up never touches others'
 TAG_VARIABLE = "SYNCML_CLUSTER_TAG"  # set by the test suite: every cluster it starts carries the tag
@@ -255,17 +255,6 @@ def attach_mpi_cluster(profile, n=4, timeout=60, activate=True, say=print):
     say(f"Attached to the {n} MPI engines of profile {profile!r} ({PROFILE_VARIABLE}) in "
         f"{time.perf_counter() - started:.1f} s")
     return AttachedCluster(profile, client), view
-
-
-def serve_mpi_cluster(profile, n=4, timeout=60):
-    """Start a cluster for notebooks to attach to (SYNCML_PROFILE=profile); return it (stop_cluster_sync()
-    stops it). The test suite's notebooks share one this way; a teacher would rather use ipcluster."""
-    _check_mpi()
-    cluster = _mpi_cluster_object(n, profile=profile, cluster_id="")
-    view = _start(cluster, n, timeout, f"{n} MPI engines to share (profile {profile})",
-                  f"serve_mpi_cluster({profile!r}, n={n}, timeout={2 * timeout})", _prepare_mpi_engines, None)
-    view.client.close()
-    return cluster
 
 
 _CLUSTER_OF = weakref.WeakKeyDictionary()  # client -> the cluster it was started with, for restart_engines

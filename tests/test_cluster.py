@@ -106,40 +106,37 @@ def engine_pid():
 
 
 def test_with_syncml_profile_a_notebook_attaches_to_the_running_cluster_clears_it_and_leaves_it_running(
-        monkeypatch, tmp_path, capsys):
-    """SYNCML_PROFILE: start_mpi_cluster attaches to the cluster running in that profile (here one served
-    by serve_mpi_cluster, as the suite's notebooks share), uses its engines, clears what the previous
-    notebook defined, and its stop_cluster_sync() leaves the cluster running."""
-    profile = f"syncml-test-attach-{tmp_path.name}"
-    served = cluster_module.serve_mpi_cluster(profile, n=3, timeout=90)
-    try:
-        owner = served.connect_client_sync()
-        pids = sorted(owner[:].apply_sync(engine_pid))
-        monkeypatch.setenv(cluster_module.PROFILE_VARIABLE, profile)
-        attached, view = start_mpi_cluster(n=3, activate=False)
-        assert isinstance(attached, cluster_module.AttachedCluster)
-        assert sorted(view.apply_sync(engine_pid)) == pids            # the running cluster's engines
-        assert view.apply_sync(world_size_and_rank_sum) == [(3, 3)] * 3
-        view.execute("left_behind = rank")
-        attached.stop_cluster_sync()
-        assert "keeps running" in capsys.readouterr().out
-        again, view = start_mpi_cluster(n=3, activate=False)          # the next notebook
-        view.execute("seen = (rank, size, 'left_behind' in globals())")
-        assert view.pull("seen") == [(0, 3, False), (1, 3, False), (2, 3, False)]
-        with pytest.raises(ClusterError, match=r"needs 4 MPI engines.*has 3 engine"):
-            start_mpi_cluster(n=4, activate=False, timeout=2)          # not the engines the chapter needs
-        with pytest.raises(ClusterError, match="attached to and cannot restart"):
-            cluster_module.restart_engines(view)
-        again.stop_cluster_sync()
-        assert sorted(owner[:].apply_sync(engine_pid)) == pids         # still running, the same engines
-        owner.close()
-        with mpi_cluster(n=2) as own:                                  # tests and benchmarks: never attached
-            assert len(own.targets) == 2
-        monkeypatch.setenv(cluster_module.PROFILE_VARIABLE, profile + "-nothing-there")
-        with pytest.raises(ClusterError, match="names no running cluster"):
-            start_mpi_cluster(n=3, activate=False, timeout=2)
-    finally:
-        served.stop_cluster_sync()
-        import shutil
+        monkeypatch, capsys):
+    """SYNCML_PROFILE: start_mpi_cluster attaches to the cluster running in that profile (here the one the
+    session started with ipcluster for the notebooks: conftest.py), uses its engines, clears what the
+    previous notebook defined, and its stop_cluster_sync() leaves the cluster running."""
+    import ipyparallel as ipp
 
-        shutil.rmtree(served.profile_dir, ignore_errors=True)
+    import conftest
+
+    profile = conftest.shared_cluster_profile()
+    pids = conftest._shared["pids"]
+    monkeypatch.setenv(cluster_module.PROFILE_VARIABLE, profile)
+    attached, view = start_mpi_cluster(n=4, activate=False)
+    assert isinstance(attached, cluster_module.AttachedCluster)
+    assert sorted(view.apply_sync(engine_pid)) == pids            # the running cluster's engines
+    assert view.apply_sync(world_size_and_rank_sum) == [(4, 6)] * 4
+    view.execute("left_behind = rank")
+    attached.stop_cluster_sync()
+    assert "keeps running" in capsys.readouterr().out
+    again, view = start_mpi_cluster(n=4, activate=False)          # the next notebook
+    view.execute("seen = (rank, size, 'left_behind' in globals())")
+    assert view.pull("seen") == [(r, 4, False) for r in range(4)]
+    with pytest.raises(ClusterError, match=r"needs 5 MPI engines.*has 4 engine"):
+        start_mpi_cluster(n=5, activate=False, timeout=2)          # not the engines the chapter needs
+    with pytest.raises(ClusterError, match="attached to and cannot restart"):
+        cluster_module.restart_engines(view)
+    again.stop_cluster_sync()
+    owner = ipp.Client(profile=profile, timeout=30)
+    assert sorted(owner[:].apply_sync(engine_pid)) == pids         # still running, the same engines
+    owner.close()
+    with mpi_cluster(n=2) as own:                                  # tests and benchmarks: never attached
+        assert len(own.targets) == 2
+    monkeypatch.setenv(cluster_module.PROFILE_VARIABLE, profile + "-nothing-there")
+    with pytest.raises(ClusterError, match="names no running cluster"):
+        start_mpi_cluster(n=4, activate=False, timeout=2)
