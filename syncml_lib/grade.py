@@ -109,6 +109,7 @@ def grade_notebook(path, time_limit=TIME_LIMIT):
             problem = ("timed out", f"still running after {time_limit:g} s: stopped (a cell that hangs?)")
         finally:
             stop_clusters(tag=f"{tag}-")
+            _end_tagged(tag)
         ran = {}
         if record.exists():
             for line in record.read_text().splitlines():
@@ -121,6 +122,27 @@ def grade_notebook(path, time_limit=TIME_LIMIT):
         cell.outputs = ran.get(number, [])
         cell.execution_count = number + 1 if number in ran else None
     return _rows(path, nb, problem)
+
+
+def _end_tagged(tag, grace=5.0):
+    """Wait up to `grace` seconds for every process started by this grading run (its environment carries
+    the run's tag: the kernel, its clusters' controllers, engines, nannies and watchers) to exit, then
+    SIGKILL what is left, so that nothing outlives the run. Reads /proc; elsewhere it does nothing."""
+    def tagged():
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if f"{TAG_VARIABLE}={tag}\0".encode() in environ.read_bytes() + b"\0":
+                    found.append(int(environ.parent.name))
+            except (OSError, ValueError):
+                pass
+        return found
+    deadline = time.monotonic() + grace
+    while tagged() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in tagged():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class _CellRecorder:

@@ -109,7 +109,8 @@ def test_with_syncml_profile_a_notebook_attaches_to_the_running_cluster_clears_i
         monkeypatch, capsys):
     """SYNCML_PROFILE: start_mpi_cluster attaches to the cluster running in that profile (here the one the
     session started with ipcluster for the notebooks: conftest.py), uses its engines, clears what the
-    previous notebook defined, and its stop_cluster_sync() leaves the cluster running."""
+    previous notebook defined, and its stop_cluster_sync() leaves the cluster running. Plain engines, which
+    chapter 05b kills, are still started for the notebook alone."""
     import ipyparallel as ipp
 
     import conftest
@@ -135,8 +136,16 @@ def test_with_syncml_profile_a_notebook_attaches_to_the_running_cluster_clears_i
     owner = ipp.Client(profile=profile, timeout=30)
     assert sorted(owner[:].apply_sync(engine_pid)) == pids         # still running, the same engines
     owner.close()
-    with mpi_cluster(n=2) as own:                                  # tests and benchmarks: never attached
-        assert len(own.targets) == 2
+    # engines that are killed on purpose (chapter 05b) are the notebook's own, and it says so
+    from syncml_lib.cluster import start_engine_cluster
+
+    own, client = start_engine_cluster(n=1)
+    try:
+        assert "these engines are killed on purpose" in capsys.readouterr().out
+        assert not set(client[:].apply_sync(engine_pid)) & set(pids) and own.profile == cluster_module.PROFILE
+    finally:
+        client.close()
+        own.stop_cluster_sync()
     monkeypatch.setenv(cluster_module.PROFILE_VARIABLE, profile + "-nothing-there")
     with pytest.raises(ClusterError, match="names no running cluster"):
         start_mpi_cluster(n=4, activate=False, timeout=2)
