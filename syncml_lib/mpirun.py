@@ -277,6 +277,7 @@ def _run_case(world, comm, job):
 _reusing = False
 START_LIMIT = 60  # seconds a reused job gets to start, before its first case's own time limit begins
 _POOLS = {}  # n -> the _Pool of n ranks, while reuse_jobs is on
+_reused_settings = None  # the environment (_settings) in which reuse_jobs was turned on: the pools' own
 
 
 def reuse_jobs(on=True):
@@ -286,8 +287,9 @@ def reuse_jobs(on=True):
     gets a fresh duplicate of COMM_WORLD; a case that raises, hangs or crashes ends its job, which is
     started again for the next case; a call made with other environment variables than the job's gets
     a job of its own."""
-    global _reusing
+    global _reusing, _reused_settings
     _reusing = on
+    _reused_settings = _settings(_child_env()) if on else None  # the environment every reused job has
     if not on:
         for pool in list(_POOLS.values()):
             pool.stop()
@@ -297,15 +299,15 @@ def reuse_jobs(on=True):
 def _pool_for(n):
     """The reused job of n ranks for the next case, started if needed; None when not reusing, or when the
     environment is not the job's (a test that sets an MPI variable gets a job of its own)."""
-    if not _reusing:
-        return None
+    if not _reusing or _settings(_child_env()) != _reused_settings:
+        return None  # (a job started now with another environment would serve no later call)
     pool = _POOLS.get(n)
     if pool is not None and not pool.usable():
         pool.stop()
         pool = None
     if pool is None:
         pool = _POOLS[n] = _Pool(n)
-    return pool if _settings(pool.env) == _settings(_child_env()) else None
+    return pool
 
 
 def _settings(env):

@@ -154,6 +154,18 @@ def test_a_call_with_other_mpi_settings_gets_a_job_of_its_own(monkeypatch):
     assert own.isdisjoint(reused)
 
 
+def test_a_first_call_with_other_mpi_settings_does_not_take_the_reused_job_from_the_calls_after_it(monkeypatch):
+    """The pools keep the environment reuse_jobs was turned on in: a call with other settings that comes
+    first for its rank count (the network tests did) runs in a job of its own, and the calls after it
+    still share one job (they ran each in a job of its own, a second each, for the rest of the session)."""
+    mpirun.reuse_jobs(True)
+    monkeypatch.setenv("MPIR_CVAR_ASYNC_PROGRESS", "0")
+    first = {pid for pid, _ in run(pid_and_sum, 3, 0)}
+    monkeypatch.delenv("MPIR_CVAR_ASYNC_PROGRESS")
+    after = [{pid for pid, _ in run(pid_and_sum, 3, 0)} for _ in range(2)]
+    assert after[0] == after[1] and after[0].isdisjoint(first)
+
+
 def test_a_reused_job_is_replaced_after_its_quota_of_cases_and_nothing_is_left_when_reuse_stops(monkeypatch):
     mpirun.reuse_jobs(True)
     monkeypatch.setattr(mpirun._Pool, "CASES_PER_JOB", 2)
