@@ -10,10 +10,6 @@ import os
 def pytest_configure(config):
     os.environ.setdefault("SYNCML_CLUSTER_TAG", f"syncml-test-{os.getpid()}")
     config.addinivalue_line("markers", "after_notebooks: runs after every other item of the session")
-    # the many small multi-rank cases run inside one long-lived mpiexec job per rank count (mpirun.reuse_jobs)
-    from syncml_lib import mpirun
-
-    mpirun.reuse_jobs(os.environ.get("SYNCML_REUSE_JOBS", "1") != "0")
     # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored
     # SIGINT: the tests that interrupt the runs would then find Ctrl-C lost. Give them Python's handler.
     import signal
@@ -109,6 +105,15 @@ def shared_cluster(monkeypatch):
     """For a test whose notebooks should attach to the session's shared cluster (grading the solutions)."""
     if _share_cluster():
         monkeypatch.setenv("SYNCML_PROFILE", shared_cluster_profile())
+
+
+def pytest_collection_finish(session):
+    """The many small multi-rank cases run inside one long-lived mpiexec job per rank count
+    (mpirun.reuse_jobs), turned on once the tests are collected: the jobs keep the environment of this
+    moment, sys.path (PYTHONPATH for the ranks) with the test folders pytest added to it included."""
+    from syncml_lib import mpirun
+
+    mpirun.reuse_jobs(os.environ.get("SYNCML_REUSE_JOBS", "1") != "0")
 
 
 def pytest_sessionfinish(session, exitstatus):
