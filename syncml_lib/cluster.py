@@ -249,6 +249,7 @@ def attach_mpi_cluster(profile, n=4, timeout=60, activate=True, say=print):
     view = client[:]
     view.execute("get_ipython().run_line_magic('reset', '-f')", block=True)  # nothing left by another notebook
     view = _prepare_mpi_engines(client)
+    _ATTACHED_TO[client] = profile
     if activate:
         view.activate()
         _no_progress_bars()
@@ -258,6 +259,7 @@ def attach_mpi_cluster(profile, n=4, timeout=60, activate=True, say=print):
 
 
 _CLUSTER_OF = weakref.WeakKeyDictionary()  # client -> the cluster it was started with, for restart_engines
+_ATTACHED_TO = weakref.WeakKeyDictionary()  # client -> the profile of the running cluster it attached to
 
 
 def restart_engines(view, timeout=60, say=print):
@@ -271,8 +273,8 @@ def restart_engines(view, timeout=60, say=print):
     """
     say = say or (lambda line: None)
     cluster = _CLUSTER_OF.get(view.client)
-    if cluster is None and os.environ.get(PROFILE_VARIABLE):
-        raise ClusterError(f"these engines belong to the cluster of profile {os.environ[PROFILE_VARIABLE]!r} "
+    if view.client in _ATTACHED_TO:
+        raise ClusterError(f"these engines belong to the cluster of profile {_ATTACHED_TO[view.client]!r} "
                            f"({PROFILE_VARIABLE}), which this notebook attached to and cannot restart: restart "
                            f"that cluster (ipcluster stop, then start) or ask whoever runs it")
     if cluster is None:
